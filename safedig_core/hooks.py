@@ -1,0 +1,170 @@
+"""Forward hooks that steer a model for the duration of one call, and nothing longer.
+
+    dictionary = SteeringDictionary(load_pack(path), domain="drugs")
+    with SteeringHooks(model, dictionary, params, row_mask=rows):
+        out = model(...)
+    # here no SafeDIG hook remains, also after an exception or KeyboardInterrupt
+
+The context manager owns its hook handles and removes them in `finally`; it keeps no global state. With
+params that cannot change anything (mode off, strengths 0) or `active=False` it installs nothing, so the
+model's output is bitwise that of a model which never saw SafeDIG.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import PackError, SafeDIGError
+from .pack import DictionaryPack, decoder_key, encoder_key
+from .positions import ModelPositions, resolve
+from .steering import PositionWeights, SteeringParams, steer
+
+
+class SteeringDictionary:
+    """A pack with one chosen domain's decoders, optionally restricted to a subset of its positions.
+
+    Weights are cast to each (device, dtype) once and cached, so repeated sampling calls pay nothing.
+    """
+
+    def __init__(self, pack: DictionaryPack, domain: str | None = None, positions: list[str] | None = None):
+        self.pack = pack
+        self.domain = domain or pack.source_domain
+        pack.require_domain(self.domain)
+        unknown = [p for p in positions or [] if p not in pack.positions]
+        if unknown:
+            raise PackError(f"positions {unknown} are not routed in this pack",
+                            f"pick from {pack.positions}", path=pack.path)
+        self.positions = list(positions) if positions else pack.positions
+        self._cache: dict[tuple[str, torch.device, torch.dtype], PositionWeights] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SteeringDictionary({self.pack.path!r}, domain={self.domain!r}, positions={self.positions})"
+
+    def weights(self, position: str, device: torch.device, dtype: torch.dtype) -> PositionWeights:
+        key = (position, device, dtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._build(position, device, dtype)
+            return self._cache[key]
+
+    def _build(self, position: str, device: torch.device, dtype: torch.dtype) -> PositionWeights:
+        info = self.pack.position_info(position)
+        feats = self.pack.domain_features(self.domain, position)
+        t = self.pack.tensors
+
+        def cast(name: str) -> Tensor:
+            return t[name].to(device=device, dtype=dtype)
+
+        anchor = torch.zeros(info.d_sae, dtype=dtype, device=device)
+        if feats.anchor_ids:
+            anchor[torch.tensor(feats.anchor_ids, device=device)] = torch.tensor(
+                feats.anchor_values, dtype=dtype, device=device)
+        return PositionWeights(
+            scale=info.scale,
+            k=info.k,
+            W_enc=cast(encoder_key(position, "W_enc")),
+            b_enc=cast(encoder_key(position, "b_enc")),
+            b_pre=cast(encoder_key(position, "b_pre")),
+            W_dec=cast(decoder_key(self.domain, position, "W_dec")),
+            b_dec=cast(decoder_key(self.domain, position, "b_dec")),
+            harmful_ids=torch.tensor(info.harmful_ids, dtype=torch.long, device=device),
+            harmful_weights=torch.tensor(feats.harmful_weights, dtype=dtype, device=device),
+            anchor=anchor,
+            tau=feats.tau,
+        )
+
+
+class _SteeringHook:
+    """The forward hook at one position; identifiable so duplicates can be refused and counted."""
+
+    def __init__(self, owner: object, position: str, session: SteeringHooks):
+        self.owner = owner
+        self.position = position
+        self.session = session
+
+    def __call__(self, module: nn.Module, args, output):
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return None
+        s = self.session
+        weights = s.dictionary.weights(self.position, output.device, output.dtype)
+        scores = [] if s.on_scores is not None else None
+        steered = steer(output, weights, s.params, s.row_mask, scores_out=scores)
+        if scores is not None:
+            s.on_scores(self.position, scores[0])
+        return None if steered is output else steered
+
+
+def safedig_hooks(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
+    """Every SafeDIG hook currently installed anywhere in `model`: (module name, module, hook)."""
+    return [
+        (name, m, h)
+        for name, m in model.named_modules()
+        for h in m._forward_hooks.values()
+        if isinstance(h, _SteeringHook)
+    ]
+
+
+class SteeringHooks:
+    """Context manager: steer `model` at the dictionary's positions while inside the `with` block.
+
+    row_mask: [batch] bool, rows to steer (None: all). active=False installs nothing (e.g. outside the
+    step range). on_scores(position, scores[batch, tokens]) receives exact harmful scores for reports.
+    owner identifies the installer (e.g. one Steer node); installing the same owner twice on a module is
+    refused, so an exception that skipped cleanup somewhere else can never double-steer.
+    """
+
+    def __init__(self, model: object, dictionary: SteeringDictionary, params: SteeringParams, *,
+                 row_mask: Tensor | None = None, active: bool = True, owner: object = None,
+                 on_scores: Callable[[str, Tensor], None] | None = None,
+                 model_positions: ModelPositions | None = None):
+        self.model = model
+        self.dictionary = dictionary
+        self.params = params
+        self.row_mask = row_mask
+        self.active = active
+        self.owner = owner if owner is not None else dictionary
+        self.on_scores = on_scores
+        self._model_positions = model_positions
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._entered = False
+
+    def __enter__(self) -> SteeringHooks:
+        if self._entered:
+            raise SafeDIGError("this SteeringHooks is already active", "use a new context for each call")
+        self._entered = True
+        if not self.active or (self.params.is_identity and self.on_scores is None):
+            return self
+        positions = self._model_positions or resolve(self.model)
+        self.dictionary.pack.check_compatible(positions, self.dictionary.positions)
+        try:
+            for pos in self.dictionary.positions:
+                module = positions.modules[pos]
+                if any(isinstance(h, _SteeringHook) and h.owner is self.owner for h in module._forward_hooks.values()):
+                    raise SafeDIGError(f"SafeDIG hooks of this owner are already installed at {pos}",
+                                       "do not nest the same steering twice; use one Steer per dictionary")
+                self._handles.append(module.register_forward_hook(_SteeringHook(self.owner, pos, self)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+        self._entered = False
+
+    def _remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+
+    @property
+    def installed(self) -> int:
+        return len(self._handles)

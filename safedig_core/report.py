@@ -1,0 +1,43 @@
+"""Human-readable views of packs (the `inspect` subcommand)."""
+
+from __future__ import annotations
+
+from .pack import (K_ADAPTED_FROM, K_DOMAINS, K_PROVENANCE, K_ROLE, K_ROUTING, K_SAE, DictionaryPack)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _num(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def format_pack(pack: DictionaryPack) -> str:
+    m = pack.metadata
+    out = [
+        f"SafeDIG pack {pack.path}",
+        f"  architecture {pack.architecture}, d_model {pack.d_model}, SAE {m[K_SAE]}",
+        f"  source domain {pack.source_domain}; domains: " + ", ".join(
+            f"{d} ({e[K_ROLE]}" + (f", adapted from {e[K_ADAPTED_FROM]})" if K_ADAPTED_FROM in e else ")")
+            for d, e in m[K_DOMAINS].items()),
+        "",
+        "Routed positions:",
+    ]
+    rows = []
+    for pos in pack.positions:
+        info = pack.position_info(pos)
+        taus = " ".join(f"{d}={pack.domain_features(d, pos).tau:.3g}" for d in pack.domains)
+        metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(info.metrics.items()))
+        rows.append([pos, info.d_sae, info.k, f"{info.scale:.4g}", len(info.harmful_ids), taus, metrics])
+    out.append(_table(rows, ["position", "d_sae", "k", "scale", "|H|", "tau", "metrics"]))
+    candidates = m[K_ROUTING].get("candidates", [])
+    if candidates:
+        keys = [k for k in candidates[0] if k != "position"]
+        out += ["", f"Routing table ({len(candidates)} candidates, routing {m[K_ROUTING].get('method', '?')}):"]
+        ranked = sorted(candidates, key=lambda c: -float(c.get("score", 0)))
+        out.append(_table([[c["position"], *(_num(c.get(k)) for k in keys)] for c in ranked], ["position", *keys]))
+    out += ["", "Provenance:"] + [f"  {k}: {v}" for k, v in sorted(m[K_PROVENANCE].items())]
+    return "\n".join(out)

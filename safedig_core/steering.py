@@ -1,0 +1,226 @@
+"""Steering math (method.md section 6) as pure functions of tensors.
+
+At a routed position, per token of the rows being steered:
+
+    z = E(x),  g = sum_{j in H} w_j z_j,  gate open where g > tau   (soft: ramps 0 -> 1 over tau/2 .. tau)
+    Repel:  x' = x - beta * s * sum_{j in H} z_j d_j
+    Blend:  z_safe = z with z_H := 0, plus the safe anchor a;  x' = x + alpha * s * (D(z_safe) - D(z))
+    Both:   Blend, then Repel on the blended activation
+
+Tokens whose gate stays closed are returned bitwise unchanged. Because TopK only zeroes
+pre-activations, g <= sum_j w_j ReLU(pre_j) for non-negative weights: that cheap bound, computed from the
+|H| harmful rows of W_enc alone, rules out most tokens before the full encoder runs on the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .errors import SafeDIGError
+from .sae import topk_relu
+
+# Strengths above this push activations far off the data manifold (method.md section 8: at -10 every
+# image became noise); they are rejected, not clamped, so a workflow never silently means something else.
+MAX_STRENGTH = 4.0
+
+
+class Mode(str, Enum):
+    OFF = "off"
+    BLEND = "blend"
+    REPEL = "repel"
+    BOTH = "both"
+
+
+class GateKind(str, Enum):
+    HARD = "hard"
+    SOFT = "soft"
+
+
+class ApplyTo(str, Enum):
+    COND = "cond"
+    UNCOND = "uncond"
+    BOTH = "both"
+
+
+def _enum(cls, value, what: str):
+    try:
+        return cls(value.lower() if isinstance(value, str) else value)
+    except ValueError:
+        raise SafeDIGError(f"unknown {what} {value!r}", f"use one of {[m.value for m in cls]}") from None
+
+
+@dataclass(frozen=True)
+class SteeringParams:
+    """What the user sets in the node graph (or on the CLI)."""
+
+    mode: Mode = Mode.BLEND
+    blend_strength: float = 1.0
+    repel_strength: float = 1.0
+    gate: GateKind = GateKind.HARD
+    tau_override: float | None = None
+    apply_to: ApplyTo = ApplyTo.COND
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
+        object.__setattr__(self, "gate", _enum(GateKind, self.gate, "gate"))
+        object.__setattr__(self, "apply_to", _enum(ApplyTo, self.apply_to, "apply_to"))
+        for name in ("blend_strength", "repel_strength"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= MAX_STRENGTH):
+                raise SafeDIGError(f"{name} {v!r} is out of range", f"use a value in [0, {MAX_STRENGTH}]")
+        if self.tau_override is not None and not math.isfinite(self.tau_override):
+            raise SafeDIGError(f"tau_override {self.tau_override!r} is not finite", "use a finite threshold")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise SafeDIGError(f"step range start {self.start} / end {self.end} is invalid",
+                               "use 0 <= start <= end <= 1 (fractions of the schedule)")
+
+    @property
+    def alpha(self) -> float:
+        return self.blend_strength if self.mode in (Mode.BLEND, Mode.BOTH) else 0.0
+
+    @property
+    def beta(self) -> float:
+        return self.repel_strength if self.mode in (Mode.REPEL, Mode.BOTH) else 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        """True when steering cannot change anything: then no hook is installed at all."""
+        return self.alpha == 0.0 and self.beta == 0.0
+
+
+@dataclass
+class PositionWeights:
+    """One position's dictionary for one target domain, on one device and dtype."""
+
+    scale: float
+    k: int
+    W_enc: Tensor  # [d_sae, d_model]
+    b_enc: Tensor  # [d_sae]
+    b_pre: Tensor  # [d_model]
+    W_dec: Tensor  # [d_sae, d_model]
+    b_dec: Tensor  # [d_model]
+    harmful_ids: Tensor  # [m] long
+    harmful_weights: Tensor  # [m]
+    anchor: Tensor  # [d_sae] dense safe anchor (zero outside the anchor ids)
+    tau: float
+
+    def __post_init__(self):
+        # The harmful rows of the encoder, kept contiguous for the cheap gate bound.
+        self.W_enc_h = self.W_enc[self.harmful_ids].contiguous()
+        self.b_enc_h = self.b_enc[self.harmful_ids].contiguous()
+        self.W_dec_h = self.W_dec[self.harmful_ids].contiguous()
+        self.anchor_decoded = self.anchor @ self.W_dec  # D(a) - b_dec, constant per position
+
+
+def gate_open_from(score: Tensor, tau: float, kind: GateKind) -> Tensor:
+    """Gate weight in [0, 1] per token from the harmful score g."""
+    if kind == GateKind.HARD:
+        return (score > tau).to(score.dtype)
+    low = tau / 2 if tau > 0 else tau - 1.0
+    return ((score - low) / (tau - low)).clamp(0.0, 1.0)
+
+
+def _gate_floor(tau: float, kind: GateKind) -> float:
+    """Scores at or below this give a gate of exactly 0."""
+    if kind == GateKind.HARD:
+        return tau
+    return tau / 2 if tau > 0 else tau - 1.0
+
+
+def _encode(x: Tensor, w: PositionWeights) -> Tensor:
+    return topk_relu((x / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)
+
+
+def harmful_scores(x: Tensor, w: PositionWeights) -> Tensor:
+    """g per token (exact, full TopK encode)."""
+    return _encode(x, w)[..., w.harmful_ids] @ w.harmful_weights
+
+
+def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tensor | None = None,
+          scores_out: list | None = None) -> Tensor:
+    """Steered activation x' for x [batch, tokens, d_model]; returns x itself when nothing changes.
+
+    row_mask [batch] bool selects the batch rows to steer (e.g. the cond chunk). Tokens with any
+    non-finite value are never touched. If scores_out is a list, the exact per-token harmful score
+    [batch, tokens] (zero where not computed) is appended to it (no pruning then).
+    """
+    if params.is_identity and scores_out is None:
+        return x
+    tau = params.tau_override if params.tau_override is not None else w.tau
+    floor = _gate_floor(tau, params.gate)
+    xs = x / w.scale - w.b_pre
+    candidates = torch.isfinite(x).all(dim=-1)
+    if row_mask is not None:
+        candidates &= row_mask.to(x.device).view(-1, *([1] * (x.dim() - 2)))
+    if scores_out is None:
+        # Upper bound on g from the harmful latents alone (exact pruning: TopK never raises a latent).
+        bound = (xs @ w.W_enc_h.T + w.b_enc_h).relu() @ w.harmful_weights
+        candidates &= bound > floor
+    idx = candidates.nonzero(as_tuple=True)
+    if idx[0].numel() == 0:
+        if scores_out is not None:
+            scores_out.append(torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device))
+        return x
+
+    xc = x[idx]
+    z = topk_relu(xs[idx] @ w.W_enc.T + w.b_enc, w.k)  # full encode, candidate tokens only
+    score = z[:, w.harmful_ids] @ w.harmful_weights
+    if scores_out is not None:
+        full = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+        full[idx] = score
+        scores_out.append(full)
+    gate = gate_open_from(score, tau, params.gate).unsqueeze(-1)
+
+    new = xc
+    if params.alpha:
+        # D(z_safe) - D(z) = (a - z_H) W_dec: the decoder bias and the SAE error term cancel out.
+        blend = w.anchor_decoded - z[:, w.harmful_ids] @ w.W_dec_h
+        new = new + gate * params.alpha * w.scale * blend
+    if params.beta:
+        z_h = z[:, w.harmful_ids] if not params.alpha else _encode(new, w)[:, w.harmful_ids]
+        new = new - gate * params.beta * w.scale * (z_h @ w.W_dec_h)
+
+    # Never introduce non-finite values (e.g. fp16 overflow): such tokens keep their input.
+    new = torch.where(torch.isfinite(new).all(-1, keepdim=True), new, xc)
+    changed = gate.squeeze(-1) > 0
+    out = x.clone()
+    out[tuple(i[changed] for i in idx)] = new[changed].to(x.dtype)
+    return out
+
+
+def rows_for_chunks(cond_or_uncond: list[int] | None, batch: int, apply_to: ApplyTo) -> Tensor | None:
+    """Which batch rows to steer, given ComfyUI's per-chunk labels (0 = cond, 1 = uncond) in batch order.
+
+    None means every row. The batch is split into len(cond_or_uncond) equal chunks, in that order.
+    """
+    apply_to = _enum(ApplyTo, apply_to, "apply_to")
+    if apply_to == ApplyTo.BOTH or not cond_or_uncond:
+        return None
+    if batch % len(cond_or_uncond):
+        raise SafeDIGError(f"batch {batch} does not split into {len(cond_or_uncond)} cond/uncond chunks", None)
+    per = batch // len(cond_or_uncond)
+    want = 0 if apply_to == ApplyTo.COND else 1
+    return torch.tensor([c == want for c in cond_or_uncond for _ in range(per)], dtype=torch.bool)
+
+
+def schedule_fraction(sigma: float, sample_sigmas: list[float] | Tensor | None) -> float:
+    """How far through the sampling schedule the current sigma is: 0 at the first step, 1 at the last."""
+    if sample_sigmas is None:
+        return 0.0
+    sigmas = [float(s) for s in sample_sigmas]
+    steps = [s for s in sigmas if s > 0] or sigmas
+    if len(steps) <= 1:
+        return 0.0
+    nearest = min(range(len(steps)), key=lambda i: abs(steps[i] - float(sigma)))
+    return nearest / (len(steps) - 1)
+
+
+def in_step_range(fraction: float, params: SteeringParams) -> bool:
+    return params.start <= fraction <= params.end
