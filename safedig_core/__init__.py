@@ -9,7 +9,7 @@ Imports no ComfyUI module, so tools, tests and the CLI use it alone. Public API:
 """
 
 from .errors import ArchitectureError, PackError, SafeDIGError
-from .hooks import SteeringDictionary, SteeringHooks, safedig_hooks
+from .hooks import ActivationCapture, SteeringDictionary, SteeringHooks, safedig_hooks
 from .pack import DictionaryPack, load_pack, save_pack
 from .positions import ARCHITECTURES, ModelPositions, resolve
 from .steering import ApplyTo, GateKind, Mode, SteeringParams
@@ -17,7 +17,22 @@ from .steering import ApplyTo, GateKind, Mode, SteeringParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES", "ApplyTo", "ArchitectureError", "DictionaryPack", "GateKind", "Mode", "ModelPositions",
-    "PackError", "SafeDIGError", "SteeringDictionary", "SteeringHooks", "SteeringParams", "load_pack",
-    "resolve", "safedig_hooks", "save_pack", "__version__",
+    "ARCHITECTURES",
+    "ActivationCapture",
+    "ApplyTo",
+    "ArchitectureError",
+    "DictionaryPack",
+    "GateKind",
+    "Mode",
+    "ModelPositions",
+    "PackError",
+    "SafeDIGError",
+    "SteeringDictionary",
+    "SteeringHooks",
+    "SteeringParams",
+    "__version__",
+    "load_pack",
+    "resolve",
+    "safedig_hooks",
+    "save_pack",
 ]

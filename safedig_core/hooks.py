@@ -168,3 +168,40 @@ class SteeringHooks:
     @property
     def installed(self) -> int:
         return len(self._handles)
+
+
+class ActivationCapture:
+    """Context manager: record the activation at each position during the calls inside the block.
+
+    By default each call's output is appended (detached, on CPU) to `activations[position]`; pass
+    on_activation(position, tensor) to stream them elsewhere instead (bounded memory for collection).
+    Hooks are removed in `finally` like SteeringHooks; capture never changes the model's output.
+    """
+
+    def __init__(self, model: object, positions: list[str] | None = None,
+                 on_activation: Callable[[str, Tensor], None] | None = None):
+        self.model_positions = resolve(model)
+        unknown = [p for p in positions or [] if p not in self.model_positions.modules]
+        if unknown:
+            raise SafeDIGError(f"positions {unknown} do not exist in {self.model_positions.describe()}",
+                               "list valid ids with `python -m safedig_core positions`")
+        self.positions = list(positions) if positions else self.model_positions.ids
+        self.activations: dict[str, list[Tensor]] = {p: [] for p in self.positions}
+        self.on_activation = on_activation or (lambda p, t: self.activations[p].append(t.detach().cpu()))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> ActivationCapture:
+        try:
+            for pos in self.positions:
+                module = self.model_positions.modules[pos]
+                self._handles.append(module.register_forward_hook(
+                    lambda _m, _a, out, pos=pos: self.on_activation(pos, out)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()

@@ -13,6 +13,7 @@ never makes us allocate what it merely declares.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -252,7 +253,7 @@ def read_header(path: str) -> dict[str, Any]:
                             path=path)
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise PackError(f"tensors {n0!r} and {n1!r} overlap", "re-export the pack", path=path)
     return header
@@ -286,7 +287,7 @@ def _validate(path: str, meta: Any, tensors: Mapping[str, tuple[str, list[int]]]
         if not isinstance(obj, dict) or key not in obj:
             fail(f"metadata is missing {where}{key!r}")
         value = obj[key]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
             fail(f"metadata {where}{key!r} has the wrong type ({type(value).__name__})")
         return value
 

@@ -245,7 +245,7 @@ def positions_from_state_dict(shapes: Mapping[str, Iterable[int]]) -> tuple[str,
                     key = f"{prefix}{group.container}.{i}.{linear}.weight"
                     if key in shapes:
                         ids.append(f"{group.id_prefix}.{i}.{site}")
-                        width = list(shapes[key])[0]
+                        width = next(iter(shapes[key]))
                 i += 1
         if ids and width:
             return backend.architecture, backend.name, int(width), ids

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .pack import (K_ADAPTED_FROM, K_DOMAINS, K_PROVENANCE, K_ROLE, K_ROUTING, K_SAE, DictionaryPack)
+from .pack import K_ADAPTED_FROM, K_DOMAINS, K_PROVENANCE, K_ROLE, K_ROUTING, K_SAE, DictionaryPack
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

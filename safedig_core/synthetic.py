@@ -6,17 +6,41 @@ from __future__ import annotations
 import torch
 
 from . import __version__
-from .pack import (FORMAT_VERSION, K_ADAPTED_FROM, K_ANCHOR_IDS, K_ANCHOR_VALUES, K_ARCHITECTURE, K_D_MODEL,
-                   K_D_SAE, K_DOMAINS, K_FEATURES, K_FORMAT_VERSION, K_HARMFUL_IDS, K_HARMFUL_WEIGHTS, K_K,
-                   K_POSITIONS, K_PROVENANCE, K_ROLE, K_ROUTING, K_SAE, K_SCALE, K_SOURCE_DOMAIN, K_TAU,
-                   ROLE_SOURCE, ROLE_TARGET, decoder_key, encoder_key)
+from .pack import (
+    FORMAT_VERSION,
+    K_ADAPTED_FROM,
+    K_ANCHOR_IDS,
+    K_ANCHOR_VALUES,
+    K_ARCHITECTURE,
+    K_D_MODEL,
+    K_D_SAE,
+    K_DOMAINS,
+    K_FEATURES,
+    K_FORMAT_VERSION,
+    K_HARMFUL_IDS,
+    K_HARMFUL_WEIGHTS,
+    K_K,
+    K_POSITIONS,
+    K_PROVENANCE,
+    K_ROLE,
+    K_ROUTING,
+    K_SAE,
+    K_SCALE,
+    K_SOURCE_DOMAIN,
+    K_TAU,
+    ROLE_SOURCE,
+    ROLE_TARGET,
+    decoder_key,
+    encoder_key,
+)
 
 
 def random_pack(architecture: str, d_model: int, positions: list[str], *, expansion: int = 4, k: int = 8,
                 n_harmful: int = 4, domains: tuple[str, ...] = ("source", "target"), tau: float = 0.0,
-                scale: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(metadata, tensors) of a valid pack with random unit-norm decoders; tau 0 opens the gate for any
-    token where a harmful latent fires."""
+                scale: float = 1.0, harmful_bias: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(metadata, tensors) of a valid pack with random unit-norm decoders. The harmful latents get an
+    encoder bias of `harmful_bias`, so they fire on most tokens; tau 0 then opens the gate wherever one
+    of them is in the TopK."""
     g = torch.Generator().manual_seed(seed)
     d_sae = expansion * d_model
     meta_positions, tensors = {}, {}
@@ -28,7 +52,9 @@ def random_pack(architecture: str, d_model: int, positions: list[str], *, expans
         w_enc = torch.randn(d_sae, d_model, generator=g)
         w_enc /= w_enc.norm(dim=-1, keepdim=True)
         tensors[encoder_key(pos, "W_enc")] = w_enc
-        tensors[encoder_key(pos, "b_enc")] = torch.randn(d_sae, generator=g) * 0.1
+        b_enc = torch.randn(d_sae, generator=g) * 0.1
+        b_enc[harmful] += harmful_bias
+        tensors[encoder_key(pos, "b_enc")] = b_enc
         tensors[encoder_key(pos, "b_pre")] = torch.randn(d_model, generator=g) * 0.1
         for domain in domains:
             w_dec = w_enc + 0.3 * torch.randn(d_sae, d_model, generator=g)

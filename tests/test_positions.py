@@ -6,6 +6,7 @@ from torch import nn
 
 from safedig_core.errors import ArchitectureError
 from safedig_core.positions import PositionParts, positions_from_state_dict, reference_ids, resolve
+
 from tiny_models import comfy_flux_from, comfy_sd3_from, diffusers_flux, diffusers_sd3
 
 
@@ -76,7 +77,7 @@ def test_positions_from_state_dict_layouts():
     assert positions_from_state_dict(prefixed) == ("flux", "comfy.flux", 64, reference_ids("flux", 2, 2))
     sd3 = {k: list(v.shape) for k, v in diffusers_sd3().state_dict().items()}
     assert positions_from_state_dict(sd3)[::2] == ("sd3", 128)
-    with pytest.raises(ArchitectureError, match="no FLUX.1 or SD3/MMDiT transformer blocks"):
+    with pytest.raises(ArchitectureError, match=r"no FLUX\.1 or SD3/MMDiT transformer blocks"):
         positions_from_state_dict({"conv.weight": [3, 3]})
 
 

@@ -1,0 +1,193 @@
+"""Steering math: properties of Off / Blend / Repel / Both, gates, row masks and non-finite input."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safedig_core import SafeDIGError, SteeringDictionary, SteeringParams
+from safedig_core.pack import DictionaryPack
+from safedig_core.sae import topk_relu
+from safedig_core.steering import MAX_STRENGTH, ApplyTo, harmful_scores, rows_for_chunks, schedule_fraction, steer
+from safedig_core.synthetic import random_pack
+
+D = 16
+POS = "double.0.img.attn"
+
+
+def weights(tau=None, dtype=torch.float32, seed=0, scale=1.0):
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=seed, scale=scale)
+    pack = DictionaryPack("mem", meta, tensors)
+    w = SteeringDictionary(pack, "target").weights(POS, torch.device("cpu"), dtype)
+    if tau is not None:
+        w.tau = tau
+    return w
+
+
+def activations(seed=0, batch=3, tokens=20, dtype=torch.float32):
+    return torch.randn(batch, tokens, D, generator=torch.Generator().manual_seed(seed)).to(dtype) * 2
+
+
+def reference(x, w, p, row_mask=None):
+    """Straightforward formula of method.md section 6 (no pruning), for comparison."""
+    tau = w.tau if p.tau_override is None else p.tau_override
+    enc = lambda v: topk_relu((v / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)  # noqa: E731
+    z = enc(x)
+    g = z[..., w.harmful_ids] @ w.harmful_weights
+    if p.gate.value == "hard":
+        gate = (g > tau).to(x.dtype)
+    else:
+        low = tau / 2 if tau > 0 else tau - 1
+        gate = ((g - low) / (tau - low)).clamp(0, 1)
+    if row_mask is not None:
+        gate = gate * row_mask[:, None]
+    gate = gate[..., None]
+    new = x
+    if p.alpha:
+        z_safe = z.clone()
+        z_safe[..., w.harmful_ids] = 0
+        z_safe = z_safe + w.anchor
+        new = new + gate * p.alpha * w.scale * ((z_safe @ w.W_dec + w.b_dec) - (z @ w.W_dec + w.b_dec))
+    if p.beta:
+        z2 = enc(new) if p.alpha else z
+        new = new - gate * p.beta * w.scale * (z2[..., w.harmful_ids] @ w.W_dec[w.harmful_ids])
+    return torch.where(gate > 0, new, x)
+
+
+def median_tau(x, w):
+    g = harmful_scores(x, w)
+    return float(g[g > 0].median())
+
+
+@pytest.mark.parametrize("mode", ["off", "blend", "repel", "both"])
+def test_strength_zero_and_off_are_identity(mode):
+    x = activations()
+    w = weights(tau=0.0)
+    p = SteeringParams(mode=mode, blend_strength=0.0, repel_strength=0.0)
+    assert p.is_identity
+    assert steer(x, w, p) is x
+    assert steer(x, w, SteeringParams(mode="off", blend_strength=2, repel_strength=2)) is x
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(["blend", "repel", "both"]),
+       gate=st.sampled_from(["hard", "soft"]), alpha=st.floats(0.1, MAX_STRENGTH), beta=st.floats(0.1, MAX_STRENGTH),
+       scale=st.floats(0.5, 3.0))
+def test_matches_reference_formula_and_closed_tokens_are_bitwise_unchanged(seed, mode, gate, alpha, beta, scale):
+    x = activations(seed) * scale
+    w = weights(seed=seed % 7, scale=scale)
+    w.tau = median_tau(x, w)
+    p = SteeringParams(mode=mode, gate=gate, blend_strength=alpha, repel_strength=beta)
+    out = steer(x, w, p)
+    expected = reference(x, w, p)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    g = harmful_scores(x, w)
+    floor = w.tau if gate == "hard" else w.tau / 2
+    closed = g <= floor
+    assert closed.any() and (~closed).any()
+    assert torch.equal(out[closed], x[closed])  # bitwise
+    assert not torch.equal(out[~closed], x[~closed])
+
+
+def test_repel_beta_one_removes_harmful_reconstruction():
+    x = activations(4)
+    w = weights(tau=-1.0, scale=1.7)  # every token gated
+    out = steer(x, w, SteeringParams(mode="repel", repel_strength=1.0))
+    z = topk_relu((x / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)
+    harmful_part = w.scale * (z[..., w.harmful_ids] @ w.W_dec[w.harmful_ids])
+    assert harmful_part.abs().max() > 0.1
+    torch.testing.assert_close(out, x - harmful_part)
+
+
+def test_blend_keeps_the_sae_error_term():
+    x = activations(5)
+    w = weights(tau=-1.0, scale=0.8)
+    out = steer(x, w, SteeringParams(mode="blend", blend_strength=1.0))
+    z = topk_relu((x / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)
+    z_safe = z.clone()
+    z_safe[..., w.harmful_ids] = 0
+    z_safe += w.anchor
+    decode = lambda c: w.scale * (c @ w.W_dec + w.b_dec)  # noqa: E731
+    error_before = x - decode(z)
+    error_after = out - decode(z_safe)
+    torch.testing.assert_close(error_after, error_before, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, x)
+
+
+def test_row_mask_leaves_other_rows_bitwise_unchanged():
+    x = activations(6, batch=4)
+    w = weights(tau=-1.0)
+    rows = torch.tensor([False, True, False, True])
+    out = steer(x, w, SteeringParams(mode="both"), row_mask=rows)
+    assert torch.equal(out[~rows], x[~rows])
+    assert not torch.equal(out[rows], x[rows])
+
+
+def test_non_finite_tokens_are_left_as_they_were():
+    x = activations(7)
+    x[0, 3, 2] = float("nan")
+    x[1, 5, 0] = float("inf")
+    w = weights(tau=-1.0)
+    out = steer(x, w, SteeringParams(mode="both", blend_strength=4, repel_strength=4))
+    assert torch.equal(out[0, 3].isnan(), x[0, 3].isnan()) and torch.equal(out[0, 3].nan_to_num(), x[0, 3].nan_to_num())
+    assert torch.equal(out[1, 5], x[1, 5])
+    finite = torch.isfinite(x).all(-1)
+    assert torch.isfinite(out[finite]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_never_creates_nan(dtype):
+    x = activations(8, dtype=dtype) * 3000  # near fp16's range
+    w = weights(tau=-1.0, dtype=dtype)
+    out = steer(x, w, SteeringParams(mode="both", blend_strength=MAX_STRENGTH, repel_strength=MAX_STRENGTH))
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+
+
+def test_soft_gate_scales_between_half_tau_and_tau():
+    x = activations(9)
+    w = weights()
+    w.tau = median_tau(x, w)
+    hard = steer(x, w, SteeringParams(mode="repel", gate="hard"))
+    soft = steer(x, w, SteeringParams(mode="repel", gate="soft"))
+    g = harmful_scores(x, w)
+    ramp = (g > w.tau / 2) & (g < w.tau)
+    assert ramp.any()
+    assert torch.equal(hard[ramp], x[ramp]) and not torch.equal(soft[ramp], x[ramp])
+    full = g > w.tau
+    torch.testing.assert_close(soft[full], hard[full])
+
+
+def test_tau_override_closes_the_gate():
+    x = activations(10)
+    w = weights(tau=-1.0)
+    assert steer(x, w, SteeringParams(mode="both", tau_override=1e9)) is x
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"blend_strength": MAX_STRENGTH + 1}, "blend_strength .* out of range"),
+    ({"repel_strength": -0.1}, "repel_strength .* out of range"),
+    ({"repel_strength": float("nan")}, "repel_strength .* out of range"),
+    ({"mode": "erase"}, r"unknown mode 'erase'.*Fix: use one of \['off', 'blend', 'repel', 'both'\]"),
+    ({"gate": "maybe"}, "unknown gate"),
+    ({"start": 0.8, "end": 0.2}, "step range"),
+    ({"tau_override": float("inf")}, "tau_override"),
+])
+def test_bad_params_are_rejected(kwargs, msg):
+    with pytest.raises(SafeDIGError, match=msg):
+        SteeringParams(**kwargs)
+
+
+def test_rows_for_chunks_follows_cond_or_uncond_order():
+    assert rows_for_chunks([1, 0], 4, ApplyTo.COND).tolist() == [False, False, True, True]
+    assert rows_for_chunks([0, 1], 2, "uncond").tolist() == [False, True]
+    assert rows_for_chunks([0], 3, "cond").tolist() == [True, True, True]  # cfg 1: cond only
+    assert rows_for_chunks([1, 0], 4, "both") is None
+    with pytest.raises(SafeDIGError, match="does not split"):
+        rows_for_chunks([0, 1], 3, "cond")
+
+
+def test_schedule_fraction():
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [schedule_fraction(s, sigmas) for s in (1.0, 0.75, 0.5, 0.25)] == [0.0, 1 / 3, 2 / 3, 1.0]
+    assert schedule_fraction(0.5, None) == 0.0
