@@ -1,0 +1,64 @@
+"""SafeDIG Load Dictionary: a pack from the safedig folders, with one of its domains chosen."""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from safedig_core import SteeringDictionary, load_pack
+from safedig_core.errors import SafeDIGError
+from safedig_core.report import format_pack
+
+from . import packs
+from .types import SafeDIGDict
+
+
+class LoadDictionary(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeDIGLoadDictionary",
+            display_name="SafeDIG Load Dictionary",
+            category="SafeDIG",
+            description="Load a SafeDIG dictionary pack (models/safedig/ or the shipped dictionaries/) and pick "
+                        "the risk domain whose decoders steer: the source domain or an adapted target domain.",
+            inputs=[
+                io.Combo.Input("pack", options=packs.list_packs(),
+                               tooltip="A .safetensors pack from models/safedig/ (or extra_model_paths.yaml "
+                                       "`safedig:` folders) or the packs shipped with SafeDIG."),
+                io.Combo.Input("domain", options=packs.all_domains(), default=packs.SOURCE_DOMAIN,
+                               tooltip="(source): the pack's source risk domain; otherwise a domain the pack "
+                                       "was adapted to. Must exist in the selected pack."),
+            ],
+            outputs=[
+                SafeDIGDict.Output(display_name="dictionary"),
+                io.String.Output(display_name="pack_info", tooltip="Routed positions, routing table, provenance."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, pack, domain) -> bool | str:
+        if pack is None:  # linked: checked at execution
+            return True
+        try:
+            path = packs.resolve_pack(pack)
+            info = packs.pack_summary(path)
+        except SafeDIGError as exc:
+            return str(exc)
+        except (OSError, ValueError) as exc:
+            return f"pack {pack!r} cannot be read ({exc}). Fix: re-download or re-export the pack."
+        if domain is not None and domain != packs.SOURCE_DOMAIN and domain not in info["domains"]:
+            return (f"pack {pack!r} has no domain {domain!r}. Fix: choose {packs.SOURCE_DOMAIN} or one of "
+                    f"{info['domains']}.")
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, pack, domain):
+        return (packs.file_fingerprint(pack), domain)
+
+    @classmethod
+    def execute(cls, pack, domain) -> io.NodeOutput:
+        path = packs.resolve_pack(pack)
+        loaded = load_pack(path)
+        chosen = None if domain in (None, "", packs.SOURCE_DOMAIN) else domain
+        dictionary = SteeringDictionary(loaded, chosen)
+        return io.NodeOutput(dictionary, format_pack(loaded) + f"\n\nSteering domain: {dictionary.domain}")

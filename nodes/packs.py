@@ -1,0 +1,115 @@
+"""Where SafeDIG packs live in ComfyUI: the `safedig` models folder and the packs shipped in `dictionaries/`.
+
+The folder is registered with `folder_paths` (so `extra_model_paths.yaml` entries under `safedig:` are
+kept and searched too). Pack names come from workflows, so they are resolved only inside the registered
+folders: absolute names, `..` and symlinks that lead outside every folder are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import folder_paths
+
+from safedig_core.errors import PackError
+from safedig_core.pack import K_DOMAINS, K_SOURCE_DOMAIN, METADATA_KEY, PACK_SUFFIX, read_header
+
+FOLDER = "safedig"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "dictionaries"
+SOURCE_DOMAIN = "(source)"  # the Load Dictionary domain option meaning "the pack's source domain"
+
+
+def register_folder() -> list[str]:
+    """Register (idempotently) models/safedig + dictionaries/; keep paths that extra_model_paths.yaml
+    already added. Returns the search folders in order."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    entry = folder_paths.folder_names_and_paths.get(FOLDER)
+    paths = entry[0] if entry else []
+    if default not in paths:
+        paths.insert(0, default)
+    shipped = str(SHIPPED_DIR)
+    if shipped not in paths:
+        paths.append(shipped)
+    exts = set(entry[1]) if entry and entry[1] else set()
+    exts.add(PACK_SUFFIX)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, exts)
+    return list(paths)
+
+
+def search_folders() -> list[str]:
+    return register_folder()
+
+
+def list_packs() -> list[str]:
+    register_folder()
+    return sorted(n for n in folder_paths.get_filename_list(FOLDER) if n.endswith(PACK_SUFFIX))
+
+
+def _fix_hint() -> str:
+    return ("put the .safetensors pack in models/safedig/ (or a folder listed under `safedig:` in "
+            "extra_model_paths.yaml) and refresh the node list, or pick a pack from the list")
+
+
+def resolve_pack(name: str) -> str:
+    """Absolute path of pack `name` inside a registered folder, or a PackError naming the searched folders."""
+    folders = search_folders()
+    if not isinstance(name, str) or not name.strip():
+        raise PackError("no pack selected", _fix_hint())
+    if (os.path.isabs(name) or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
+            or ".." in PurePosixPath(name.replace("\\", "/")).parts):
+        raise PackError(f"pack name {name!r} must be a plain name inside the safedig folders (no absolute "
+                        f"path, no '..'); searched: {folders}", _fix_hint())
+    if not name.endswith(PACK_SUFFIX):
+        raise PackError(f"pack name {name!r} does not end in {PACK_SUFFIX}; searched: {folders}", _fix_hint())
+    for folder in folders:
+        candidate = os.path.join(folder, name)
+        if not os.path.isfile(candidate):
+            continue
+        real, root = os.path.realpath(candidate), os.path.realpath(folder)
+        if os.path.commonpath([real, root]) != root:
+            raise PackError(f"pack {name!r} in {folder} is a link to {real}, outside the safedig folders",
+                            "copy the pack into models/safedig/ instead of linking it, or add its real folder "
+                            "under `safedig:` in extra_model_paths.yaml")
+        return candidate
+    raise PackError(f"pack {name!r} not found; searched: {folders}", _fix_hint())
+
+
+_header_cache: dict[str, tuple[tuple[int, int], dict]] = {}
+
+
+def pack_summary(path: str) -> dict:
+    """{'domains': [...], 'source': str} from the pack header alone (cached by mtime and size)."""
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size)
+    cached = _header_cache.get(path)
+    if cached and cached[0] == key:
+        return cached[1]
+    header = read_header(path)
+    meta = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
+    info = {"domains": list(meta.get(K_DOMAINS, {})), "source": meta.get(K_SOURCE_DOMAIN)}
+    _header_cache[path] = (key, info)
+    return info
+
+
+def all_domains() -> list[str]:
+    """The domain combo's options: '(source)' plus every domain named by any pack in the folders."""
+    names: list[str] = []
+    for name in list_packs():
+        try:
+            for d in pack_summary(resolve_pack(name))["domains"]:
+                if d not in names:
+                    names.append(d)
+        except (PackError, OSError, ValueError):
+            continue  # a broken pack is reported when it is selected, not while listing
+    return [SOURCE_DOMAIN, *names]
+
+
+def file_fingerprint(name: str) -> str:
+    try:
+        path = resolve_pack(name)
+        st = os.stat(path)
+        return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+    except (PackError, OSError):
+        return f"missing:{name}"

@@ -1,0 +1,190 @@
+"""The SafeDIG nodes inside the real ComfyUI, in-process: ComfyUI's own SD3 (MMDiT) and Flux classes, its
+BaseModel.apply_model wrapper chain and its sampler (comfy.sample.sample). No server, no mocks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from safedig_core import SteeringDictionary, safedig_hooks
+from safedig_core.errors import PackError, SafeDIGError
+from safedig_core.pack import DictionaryPack
+from safedig_core.synthetic import random_pack
+
+from comfy_env import ROOT, import_comfy
+from tiny_models import SD3_CFG, comfy_sd3_from, diffusers_sd3
+
+SD3_POSITIONS = ["joint.0.txt.mlp", "joint.0.img.attn", "joint.1.img.mlp"]
+
+
+def pack_module():
+    """The repo root loaded as a package (as ComfyUI loads it from custom_nodes/), with its `nodes`."""
+    import_comfy()
+    name = "safedig_comfy_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    importlib.import_module(f"{name}.nodes")
+    return sys.modules[f"{name}.nodes"]
+
+
+def firing_dictionary(arch: str, d_model: int, positions: list[str], seed: int = 0, **kw) -> SteeringDictionary:
+    """A random pack whose gate opens on most tokens (tau 0, many harmful latents)."""
+    opts = dict(expansion=2, k=16, n_harmful=24, tau=0.0, seed=seed)
+    opts.update(kw)
+    meta, tensors = random_pack(arch, d_model, positions, **opts)
+    return SteeringDictionary(DictionaryPack(f"<{arch}-{d_model}-test>", meta, tensors))
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    return pack_module()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return comfy_sd3_from(diffusers_sd3())
+
+
+@pytest.fixture(scope="module")
+def sd3_dict():
+    return firing_dictionary("sd3", 128, SD3_POSITIONS)
+
+
+def steer(nodes, model, dictionary, **kw):
+    args = dict(enabled=True, mode="Blend", blend_strength=1.0, repel_strength=1.0, gate="hard",
+                override_threshold=False, threshold=0.0, apply_to="cond", start_percent=0.0, end_percent=1.0,
+                positions="")
+    args.update(kw)
+    return nodes.Steer.execute(model=model, dictionary=dictionary, **args).result[0]
+
+
+def sd3_conds(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(1, 5, SD3_CFG["ctx_dim"], generator=g)
+    pooled = torch.randn(1, SD3_CFG["pooled"], generator=g)
+    return [[ctx, {"pooled_output": pooled}]]
+
+
+def sample(model, cfg: float, batch: int = 1, steps: int = 3, seed: int = 7):
+    import comfy.sample
+
+    latent = torch.zeros(batch, SD3_CFG["latent_ch"], 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", sd3_conds(3), sd3_conds(4), latent,
+                               seed=seed)
+
+
+def test_identity_settings_return_the_input_model_itself(nodes, sd3, sd3_dict):
+    for kw in (dict(enabled=False), dict(mode="Off"), dict(mode="Blend", blend_strength=0.0),
+               dict(mode="Repel", repel_strength=0.0), dict(mode="Both", blend_strength=0.0, repel_strength=0.0)):
+        assert steer(nodes, sd3, sd3_dict, **kw) is sd3, kw
+    out = steer(nodes, sd3, sd3_dict)
+    assert out is not sd3 and out.model is sd3.model  # a clone sharing the weights
+    assert nodes.steer.steer_patches(out) and not nodes.steer.steer_patches(sd3)
+
+
+def test_sampling_steers_and_leaves_no_trace(nodes, sd3, sd3_dict):
+    base = sample(sd3, cfg=1.0)
+    steered_model = steer(nodes, sd3, sd3_dict)
+    steered = sample(steered_model, cfg=1.0)
+    assert not torch.equal(base, steered)
+    assert safedig_hooks(sd3.model) == []
+    assert torch.equal(sample(sd3, cfg=1.0), base)  # the shared model was not changed
+    # Chained: a second Steer on top of the first steers again (its own hooks, its own owner).
+    chained = steer(nodes, steered_model, firing_dictionary("sd3", 128, SD3_POSITIONS, seed=5))
+    assert len(nodes.steer.steer_patches(chained)) == 2 and len(nodes.steer.steer_patches(steered_model)) == 1
+    assert not torch.equal(sample(chained, cfg=1.0), steered)
+    assert safedig_hooks(sd3.model) == []
+
+
+def _apply(model, x, sigma, chunks, ctx, pooled):
+    """One BaseModel.apply_model call as comfy.samplers.calc_cond_batch makes it (wrappers, chunk labels)."""
+    import comfy.patcher_extension as pe
+
+    opts = {"wrappers": pe.merge_nested_dicts({}, model.wrappers), "cond_or_uncond": list(chunks),
+            "sigmas": sigma, "sample_sigmas": torch.tensor([1.0, 0.5, 0.0])}
+    with torch.no_grad():
+        return model.model.apply_model(x, sigma, c_crossattn=ctx, y=pooled, transformer_options=opts)
+
+
+@pytest.mark.parametrize("chunks,apply_to,changed", [
+    ((1, 0), "cond", [False, True]),     # ComfyUI puts uncond first: row 1 is the positive prompt
+    ((0, 1), "cond", [True, False]),
+    ((1, 0), "uncond", [True, False]),
+    ((1, 0), "both", [True, True]),
+    ((0,), "cond", [True, True]),        # cfg 1 (Flux): one cond chunk of 2 images, both steered
+    ((0,), "uncond", [False, False]),
+])
+def test_rows_follow_cond_or_uncond(nodes, sd3, sd3_dict, chunks, apply_to, changed):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, SD3_CFG["latent_ch"], 8, 8, generator=g).expand(2, -1, -1, -1).contiguous()
+    ctx = torch.randn(1, 5, SD3_CFG["ctx_dim"], generator=g).expand(2, -1, -1).contiguous()
+    pooled = torch.randn(1, SD3_CFG["pooled"], generator=g).expand(2, -1).contiguous()
+    sigma = torch.tensor([1.0, 1.0])
+    plain = _apply(sd3, x, sigma, chunks, ctx, pooled)
+    assert torch.allclose(plain[0], plain[1], atol=1e-5)  # same input in both rows
+    out = _apply(steer(nodes, sd3, sd3_dict, apply_to=apply_to), x, sigma, chunks, ctx, pooled)
+    assert [not torch.equal(out[i], plain[i]) for i in range(2)] == changed
+    assert safedig_hooks(sd3.model) == []
+
+
+def test_step_range_limits_steering(nodes, sd3, sd3_dict):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, SD3_CFG["latent_ch"], 8, 8, generator=g)
+    ctx, pooled = torch.randn(1, 5, SD3_CFG["ctx_dim"], generator=g), torch.randn(1, SD3_CFG["pooled"], generator=g)
+    late = steer(nodes, sd3, sd3_dict, start_percent=0.5, end_percent=1.0)
+    first, last = torch.tensor([1.0]), torch.tensor([0.5])  # schedule [1.0, 0.5, 0]: fractions 0 and 1
+    assert torch.equal(_apply(late, x, first, (0,), ctx, pooled), _apply(sd3, x, first, (0,), ctx, pooled))
+    assert not torch.equal(_apply(late, x, last, (0,), ctx, pooled), _apply(sd3, x, last, (0,), ctx, pooled))
+
+
+def test_exception_inside_the_model_removes_the_hooks(nodes, sd3, sd3_dict):
+    steered = steer(nodes, sd3, sd3_dict)
+    seen = []
+
+    def boom(module, args, output):
+        seen.append(len(safedig_hooks(sd3.model)))
+        raise KeyboardInterrupt("stop")  # like ComfyUI's interrupt, raised inside the forward pass
+
+    handle = sd3.model.diffusion_model.joint_blocks[1].x_block.mlp.register_forward_hook(boom)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sample(steered, cfg=1.0, steps=2)
+    finally:
+        handle.remove()
+    assert seen and seen[0] == len(SD3_POSITIONS)  # the hooks were there while the model ran
+    assert safedig_hooks(sd3.model) == []
+
+
+def test_pack_mismatch_is_an_execution_error_naming_both(nodes, sd3):
+    flux_dict = firing_dictionary("flux", 64, ["double.0.img.attn"])
+    with pytest.raises(PackError, match=r"pack is for flux \(d_model 64\) but the model is sd3 \(d_model 128\).*Fix: "):
+        steer(nodes, sd3, flux_dict)
+    wide = firing_dictionary("sd3", 256, ["joint.0.img.attn"])
+    with pytest.raises(PackError, match=r"d_model 256.*d_model 128"):
+        steer(nodes, sd3, wide)
+    deep = firing_dictionary("sd3", 128, ["joint.5.img.attn"])
+    with pytest.raises(PackError, match=r"positions \['joint.5.img.attn'\] do not exist"):
+        steer(nodes, sd3, deep)
+    with pytest.raises(PackError, match="not routed in this pack"):
+        steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), positions="joint.0.txt.attn")
+    with pytest.raises(SafeDIGError, match="mode 'Sideways' is not one of"):
+        steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), mode="Sideways")
+
+
+def test_validate_inputs_messages(nodes):
+    v = nodes.Steer.validate_inputs
+    assert v(mode="Blend", gate="hard", apply_to="cond", start_percent=0.0, end_percent=1.0) is True
+    assert "mode 'blend!' is not one of" in v(mode="blend!", gate="hard", apply_to="cond", start_percent=0,
+                                               end_percent=1)
+    assert "start_percent 0.8 is after end_percent 0.2" in v(mode="Blend", gate="hard", apply_to="cond",
+                                                             start_percent=0.8, end_percent=0.2)
+    # Linked (unknown until execution) values pass validation.
+    assert v(mode=None, gate=None, apply_to=None, start_percent=None, end_percent=None) is True
