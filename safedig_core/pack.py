@@ -45,6 +45,8 @@ K_SAE = "sae"
 K_SOURCE_DOMAIN = "source_domain"
 K_DOMAINS = "domains"
 K_PROVENANCE = "provenance"
+K_CANDIDATES = "candidates"  # in routing: one entry per candidate position
+K_SCORE = "score"  # in each candidate: the final routing score
 # Per position
 K_D_SAE = "d_sae"
 K_K = "k"
@@ -263,7 +265,7 @@ def _entry_fields(path: str, name: str, entry: Any) -> tuple[str, list[int], lis
     if not isinstance(entry, dict):
         raise PackError(f"header entry {name!r} is not an object", "re-export the pack", path=path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in STORAGE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
         raise PackError(f"tensor {name!r} has dtype {dtype!r}; packs store F32, F16 or BF16",
                         "re-export the pack with a float dtype", path=path)
     if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
@@ -307,8 +309,12 @@ def _validate(path: str, meta: Any, tensors: Mapping[str, tuple[str, list[int]]]
     if not positions:
         fail("pack has no positions")
     need(meta, K_SAE, dict, "")
-    need(meta, K_ROUTING, dict, "")
     need(meta, K_PROVENANCE, dict, "")
+    candidates = need(need(meta, K_ROUTING, dict, ""), K_CANDIDATES, list, "routing.")
+    for c in candidates:
+        if not (isinstance(c, dict) and isinstance(c.get("position"), str) and _finite_number(c.get(K_SCORE))
+                and all(_finite_number(v) or isinstance(v, (str, bool)) for v in c.values())):
+            fail(f"routing candidate {c!r:.80} needs a position, a finite score and plain values")
     domains = need(meta, K_DOMAINS, dict, "")
     source = need(meta, K_SOURCE_DOMAIN, str, "")
     if source not in domains:
@@ -327,6 +333,9 @@ def _validate(path: str, meta: Any, tensors: Mapping[str, tuple[str, list[int]]]
         scale = need(info, K_SCALE, (int, float), where)
         if d_sae <= 0 or not 0 < k <= d_sae or not (math.isfinite(scale) and scale > 0):
             fail(f"position {pos!r} has invalid sizes (d_sae {d_sae}, k {k}, scale {scale})")
+        metrics = info.get(K_METRICS, {})
+        if not isinstance(metrics, dict) or not all(_finite_number(v) for v in metrics.values()):
+            fail(f"position {pos!r} metrics must map names to finite numbers")
         ids = need(info, K_HARMFUL_IDS, list, where)
         if not ids or not all(type(i) is int and 0 <= i < d_sae for i in ids) or len(set(ids)) != len(ids):
             fail(f"position {pos!r} harmful_ids must be distinct ints in [0, {d_sae})")

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from .pack import K_ADAPTED_FROM, K_DOMAINS, K_PROVENANCE, K_ROLE, K_ROUTING, K_SAE, DictionaryPack
+from .pack import (
+    K_ADAPTED_FROM,
+    K_CANDIDATES,
+    K_DOMAINS,
+    K_PROVENANCE,
+    K_ROLE,
+    K_ROUTING,
+    K_SAE,
+    K_SCORE,
+    DictionaryPack,
+)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -33,11 +43,11 @@ def format_pack(pack: DictionaryPack) -> str:
         metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(info.metrics.items()))
         rows.append([pos, info.d_sae, info.k, f"{info.scale:.4g}", len(info.harmful_ids), taus, metrics])
     out.append(_table(rows, ["position", "d_sae", "k", "scale", "|H|", "tau", "metrics"]))
-    candidates = m[K_ROUTING].get("candidates", [])
+    candidates = m[K_ROUTING][K_CANDIDATES]
     if candidates:
-        keys = [k for k in candidates[0] if k != "position"]
+        keys = sorted({k for c in candidates for k in c} - {"position"})
         out += ["", f"Routing table ({len(candidates)} candidates, routing {m[K_ROUTING].get('method', '?')}):"]
-        ranked = sorted(candidates, key=lambda c: -float(c.get("score", 0)))
+        ranked = sorted(candidates, key=lambda c: -c[K_SCORE])
         out.append(_table([[c["position"], *(_num(c.get(k)) for k in keys)] for c in ranked], ["position", *keys]))
     out += ["", "Provenance:"] + [f"  {k}: {v}" for k, v in sorted(m[K_PROVENANCE].items())]
     return "\n".join(out)
