@@ -116,6 +116,9 @@ class PositionWeights:
         self.W_enc_h = self.W_enc[self.harmful_ids].contiguous()
         self.b_enc_h = self.b_enc[self.harmful_ids].contiguous()
         self.W_dec_h = self.W_dec[self.harmful_ids].contiguous()
+        # The gate bound on raw activations in one matmul: (x/s - b_pre) W_h^T + b_h = x (W_h/s)^T + bound_b
+        self.bound_W = (self.W_enc_h / self.scale).contiguous()
+        self.bound_b = self.b_enc_h - self.W_enc_h @ self.b_pre
         self.anchor_decoded = self.anchor @ self.W_dec  # D(a) - b_dec, constant per position
 
 
@@ -155,13 +158,12 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
         return x
     tau = params.tau_override if params.tau_override is not None else w.tau
     floor = _gate_floor(tau, params.gate)
-    xs = x / w.scale - w.b_pre
     candidates = torch.isfinite(x).all(dim=-1)
     if row_mask is not None:
         candidates &= row_mask.to(x.device).view(-1, *([1] * (x.dim() - 2)))
     if scores_out is None:
         # Upper bound on g from the harmful latents alone (exact pruning: TopK never raises a latent).
-        bound = (xs @ w.W_enc_h.T + w.b_enc_h).relu() @ w.harmful_weights
+        bound = (x @ w.bound_W.T + w.bound_b).relu() @ w.harmful_weights
         candidates &= bound > floor
     idx = candidates.nonzero(as_tuple=True)
     if idx[0].numel() == 0:
@@ -170,7 +172,7 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
         return x
 
     xc = x[idx]
-    z = topk_relu(xs[idx] @ w.W_enc.T + w.b_enc, w.k)  # full encode, candidate tokens only
+    z = _encode(xc, w)  # the full encoder, on candidate tokens only
     score = z[:, w.harmful_ids] @ w.harmful_weights
     if scores_out is not None:
         full = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
