@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import packs
@@ -11,6 +13,14 @@ from .steer import Steer
 
 NODES: list[type[io.ComfyNode]] = [LoadDictionary, Steer, Report]
 
+try:  # the bundled model's nodes must not take the steering nodes down with them
+    from . import bundled
+except Exception as exc:  # pragma: no cover - reported in ComfyUI's log
+    logging.warning("SafeDIG: bundled-model nodes unavailable (%s: %s)", type(exc).__name__, exc)
+    bundled = None
+else:
+    NODES += bundled.NODES
+
 
 class SafeDIGExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
@@ -19,4 +29,6 @@ class SafeDIGExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> SafeDIGExtension:
     packs.register_folder()
+    if bundled is not None:
+        bundled.register_folder()
     return SafeDIGExtension()

@@ -188,3 +188,125 @@ def test_validate_inputs_messages(nodes):
                                                              start_percent=0.8, end_percent=0.2)
     # Linked (unknown until execution) values pass validation.
     assert v(mode=None, gate=None, apply_to=None, start_percent=None, end_percent=None) is True
+
+
+# ------------------------------------------------------------------------- FLUX.1-dev width, real Flux
+
+FLUX_DEV_1_1 = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                    mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+                    patch_size=2, qkv_bias=True, guidance_embed=True)
+
+
+def flux_dev_state_dict(dtype=torch.bfloat16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in ComfyUI's Flux layout at FLUX.1-dev width (3072, 24 heads) with 1 double + 1 single
+    block: the only Flux width ComfyUI auto-detects from a file."""
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+
+    meta = Flux(**FLUX_DEV_1_1, device="meta", operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in meta.state_dict().items():
+        if name.endswith(".scale"):  # RMSNorm
+            sd[name] = torch.ones(p.shape, dtype=dtype)
+        else:
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            sd[name] = (torch.randn(p.shape, generator=g) * (1.0 / fan_in ** 0.5)).to(dtype)
+    return sd
+
+
+def test_flux_dev_width_through_comfyuis_own_flux_and_sampler(nodes):
+    import comfy.model_base
+    import comfy.sample
+    import comfy.sd
+
+    from safedig_core import resolve
+
+    model = comfy.sd.load_diffusion_model_state_dict(flux_dev_state_dict(), model_options={"dtype": torch.bfloat16})
+    assert isinstance(model.model, comfy.model_base.Flux)
+    pos = resolve(model)
+    assert (pos.architecture, pos.d_model, dict(pos.block_counts)) == ("flux", 3072, {"double": 1, "single": 1})
+    routed = ["double.0.txt.mlp", "double.0.img.attn", "single.0.out"]
+    dictionary = firing_dictionary("flux", 3072, routed, expansion=1, k=32, n_harmful=384, domains=("source",))
+
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 4, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    latent = torch.zeros(1, 16, 8, 8)
+
+    def run(m):
+        noise = comfy.sample.prepare_noise(latent, 3)
+        return comfy.sample.sample(m, noise, 2, 1.0, "euler", "simple", cond, cond, latent, seed=3)
+
+    base = run(model)
+    steered_model = steer(nodes, model, dictionary, mode="Both", blend_strength=0.5, repel_strength=0.5)
+    steered = run(steered_model)
+    assert torch.isfinite(steered).all() and not torch.equal(steered, base)
+    assert safedig_hooks(model.model) == []
+    assert torch.equal(run(model), base)
+    # cfg 1: Flux has no uncond pass, so apply_to=uncond steers nothing (bitwise).
+    assert torch.equal(run(steer(nodes, model, dictionary, apply_to="uncond")), base)
+    rec = nodes.steer.steer_patches(steered_model)[0].recorder
+    assert rec.n_steps == 2 and rec.grid == (4, 4) and sorted(rec.steps_seen) == [0, 1]
+    assert all(rec.fired_steps()[p] == [0, 1] for p in routed)
+
+
+# ------------------------------------------------------------------------------- the bundled model
+
+
+def write_random_bundled(folder, seed: int = 0):
+    """A bundled-model checkpoint (weights + .json config, as the trainer writes them) with random weights."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from safedig_core import bundled
+
+    from tiny_models import _randomize
+
+    cfg = bundled.BundledConfig()
+    model = bundled.build_model(cfg, seed)
+    _randomize(model, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "random_bundled.safetensors"))
+    (folder / "random_bundled.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    return model.eval(), folder / "random_bundled.safetensors"
+
+
+def test_bundled_model_in_comfyuis_sampler_is_the_reference_sampler(nodes, tmp_path):
+    import comfy.model_base
+    import comfy.sample
+
+    from safedig_core import bundled, resolve
+
+    ref, path = write_random_bundled(tmp_path)
+    patcher = nodes.bundled.load_model(path)
+    assert isinstance(patcher.model, comfy.model_base.Flux)
+    assert type(patcher.model.diffusion_model).__module__ == "comfy.ldm.flux.model"
+    cfg = bundled.BundledConfig()
+    g = torch.Generator().manual_seed(2)
+    tok, u_tok = (torch.randn(1, cfg.context_len, cfg.text_dim, generator=g) for _ in range(2))
+    pool, u_pool = (torch.randn(1, cfg.text_dim, generator=g) for _ in range(2))
+    noise = bundled.initial_noise([5], cfg)
+    expected = bundled.sample(ref, tok, pool, noise, steps=4, guidance=3.0, uncond=(u_tok, u_pool))
+
+    def comfy_sample(model):
+        latent = torch.zeros_like(noise)
+        return comfy.sample.sample(model, noise.clone(), 4, 3.0, "euler", "simple", [[tok, {"pooled_output": pool}]],
+                                   [[u_tok, {"pooled_output": u_pool}]], latent, seed=5)
+
+    got = comfy_sample(patcher)
+    assert torch.allclose(got, expected, atol=2e-4), (got - expected).abs().max()
+    # The same Steer node steers it (width 128, FLUX position ids).
+    pos = resolve(patcher)
+    assert (pos.architecture, pos.d_model) == ("flux", cfg.hidden_size)
+    routed = ["double.0.txt.mlp", "double.1.img.attn", "single.1.out"]
+    steered_model = steer(nodes, patcher, firing_dictionary("flux", cfg.hidden_size, routed))
+    steered = comfy_sample(steered_model)
+    assert not torch.equal(steered, got) and torch.isfinite(steered).all()
+    assert torch.equal(comfy_sample(patcher), got) and safedig_hooks(patcher.model) == []
+    rec = nodes.steer.steer_patches(steered_model)[0].recorder
+    assert rec.grid == (cfg.latent_size // 2, cfg.latent_size // 2) and rec.n_steps == 4
+    image = nodes.bundled.BundledLatentToImage.execute({"samples": got}).result[0]
+    assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and image.min() >= 0 and image.max() <= 1
+    back = bundled.pixels_to_latent(image.permute(0, 3, 1, 2) * 2 - 1)  # exact inverse, up to the [0, 1] clamp
+    assert torch.allclose(back, got.clamp(-1, 1), atol=1e-6)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_nodes_inprocess import write_random_bundled
 
 from safedig_core import save_pack
 from safedig_core.synthetic import random_pack
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SD3_FILE = "tiny_sd3.safetensors"
 LORA_FILE = "tiny_sd3_lora.safetensors"
 SD3_POSITIONS = ["joint.0.txt.mlp", "joint.0.img.attn", "joint.1.img.mlp"]
+BUNDLED_POSITIONS = ["double.0.txt.mlp", "double.1.img.attn", "single.1.out"]
 FIRE = dict(expansion=2, k=16, n_harmful=24, tau=0.0)  # random packs whose gate opens on most tokens
 
 
@@ -54,6 +56,8 @@ def write_test_files(base: Path) -> None:
     outside.mkdir()
     save_pack(outside / "escape.safetensors", *random_pack("sd3", 128, SD3_POSITIONS, seed=5, **FIRE))
     os.symlink(outside / "escape.safetensors", packs / "escape.safetensors")
+    write_random_bundled(models / "safedig_bundled")
+    save_pack(packs / "bundled_fire.safetensors", *random_pack("flux", 128, BUNDLED_POSITIONS, seed=7, **FIRE))
     save_pack(base / "extra_packs" / "extra_pack.safetensors",
               *random_pack("sd3", 128, SD3_POSITIONS, seed=6, domains=("violence", "gore"), **FIRE))
 
@@ -149,8 +153,10 @@ def _documented_inputs() -> dict[str, dict[str, tuple[str, str]]]:
 
 def test_object_info_matches_the_documented_inputs(comfyui):
     documented = _documented_inputs()
-    assert {"SafeDIGLoadDictionary", "SafeDIGSteer", "SafeDIGReport"} <= set(documented)
+    assert {"SafeDIGLoadDictionary", "SafeDIGSteer", "SafeDIGReport", "SafeDIGLoadBundledModel",
+            "SafeDIGBundledTextEncode", "SafeDIGBundledEmptyLatent", "SafeDIGBundledLatentToImage"} == set(documented)
     info = comfyui.object_info()
+    assert {n for n in info if n.startswith("SafeDIG")} == set(documented)
     for node_id, inputs in documented.items():
         assert node_id in info, f"{node_id} missing from /object_info"
         served = {**info[node_id]["input"].get("required", {}), **info[node_id]["input"].get("optional", {})}
@@ -159,7 +165,7 @@ def test_object_info_matches_the_documented_inputs(comfyui):
             assert served[name][0] == typ, (node_id, name)
             got = served[name][1].get("default", "") if len(served[name]) > 1 else ""
             assert str(got).lower() == default.lower(), (node_id, name, got, default)
-        assert info[node_id]["category"] == "SafeDIG"
+        assert info[node_id]["category"].startswith("SafeDIG")
     steer = info["SafeDIGSteer"]
     assert steer["input"]["required"]["mode"][1]["options"] == ["Off", "Blend", "Repel", "Both"]
     assert steer["output"] == ["MODEL"]
@@ -317,3 +323,72 @@ def test_interrupt_leaves_no_hook(comfyui):
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": SD3_FILE, "weight_dtype": "default"}},
         "10": {"class_type": "TEST_ONLY_SafeDIG_HookCount", "inputs": {"model": ["1", 0]}}}), "10"))
     assert no_hooks(hooks) and hooks["modules"] > 10
+
+
+# ------------------------------------------------------------------------------------ bundled model
+
+
+def bundled_graph(tag: str, steer: dict | None = None, *, weights: str = "random_bundled.safetensors",
+                  prompt: str = "a red circle in the center", steps: int = 4, cfg: float = 3.0, batch: int = 1,
+                  nonce: int = 0) -> dict:
+    """Load Bundled Model [-> Steer] -> KSampler (euler/simple) -> SaveLatent, Latent To Image -> Report."""
+    g: dict = {
+        "1": {"class_type": "SafeDIGLoadBundledModel", "inputs": {"weights": weights}},
+        "5": {"class_type": "SafeDIGBundledTextEncode", "inputs": {"text": prompt}},
+        "6": {"class_type": "SafeDIGBundledTextEncode", "inputs": {"text": ""}},
+        "7": {"class_type": "SafeDIGBundledEmptyLatent", "inputs": {"width": 32, "height": 32, "batch_size": batch}},
+    }
+    model = ["1", 0]
+    if steer is not None:
+        s = dict(steer)
+        g["30"] = {"class_type": "SafeDIGLoadDictionary",
+                   "inputs": {"pack": s.pop("pack", "bundled_fire.safetensors"), "domain": "(source)"}}
+        g["40"] = {"class_type": "SafeDIGSteer", "inputs": {**STEER_DEFAULTS, **s, "model": model,
+                                                            "dictionary": ["30", 0]}}
+        model = ["40", 0]
+    g["8"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 3, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+        "scheduler": "simple", "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0],
+        "denoise": 1.0}}
+    g["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": f"latents/{tag}"}}
+    g["10"] = {"class_type": "TEST_ONLY_SafeDIG_HookCount", "inputs": {"model": ["1", 0], "samples": ["8", 0]}}
+    g["12"] = {"class_type": "SafeDIGBundledLatentToImage", "inputs": {"samples": ["8", 0]}}
+    g["11"] = {"class_type": "SafeDIGReport", "inputs": {"model": model, "samples": ["8", 0], "image": ["12", 0]}}
+    for i in range(nonce):  # no-ops on the (zero) latent that only change the sampler's cache key
+        g[f"7{i}"] = {"class_type": "LatentMultiply", "inputs": {"samples": g["8"]["inputs"]["latent_image"],
+                                                                 "multiplier": 1.0}}
+        g["8"]["inputs"]["latent_image"] = [f"7{i}", 0]
+    return g
+
+
+def test_bundled_model_nodes_sample_and_steer(comfyui):
+    base, hooks0, entry = run_latent(comfyui, bundled_graph("bundled_base"))
+    assert base.shape == (1, 12, 16, 16) and torch.isfinite(base).all()
+    assert "carries no active SafeDIG steering" in comfyui.ui_text(entry, "11")
+    steered, hooks, entry = run_latent(comfyui, bundled_graph("bundled_steered", {"mode": "Both"}))
+    assert not torch.equal(steered, base) and no_hooks(hooks)
+    assert hooks["diffusion_model_id"] == hooks0["diffusion_model_id"]
+    text = comfyui.ui_text(entry, "11")
+    assert "steps steered: 1-4 of 4" in text and "image tokens 8x8" in text and "single.1.out" in text
+    token_map = comfyui.images(entry, "11")[1]
+    assert token_map.shape == (32, 32, 3)  # drawn over the 32x32 decoded image
+    off, hooks, _ = run_latent(comfyui, bundled_graph("bundled_off", {"enabled": False}))
+    assert torch.equal(off, base) and no_hooks(hooks)
+    again, hooks, _ = run_latent(comfyui, bundled_graph("bundled_again", nonce=1))
+    assert torch.equal(again, base) and no_hooks(hooks)
+    # Another prompt gives another image (the text encoder conditions the model).
+    other, _, _ = run_latent(comfyui, bundled_graph("bundled_other", prompt="a blue square on the left"))
+    assert not torch.equal(other, base)
+
+
+def test_bundled_pack_mismatch_names_the_widths(comfyui):
+    with pytest.raises(PromptError) as err:
+        comfyui.run(bundled_graph("bundled_mismatch", {"pack": "sd3_fire.safetensors"}))
+    assert "pack is for sd3 (d_model 128) but the model is flux (d_model 128" in execution_error(err.value)
+    with pytest.raises(PromptError) as err:
+        comfyui.run(bundled_graph("bundled_flux64", {"pack": "flux_tiny.safetensors"}))
+    assert "pack is for flux (d_model 64) but the model is flux (d_model 128" in execution_error(err.value)
+    with pytest.raises(PromptError) as err:
+        comfyui.submit(bundled_graph("bundled_missing", weights="nope.safetensors"))
+    assert re.search(r"bundled model 'nope.safetensors' not found; searched: \[.*safedig_bundled",
+                     node_errors(err.value)), node_errors(err.value)
