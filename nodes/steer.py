@@ -20,7 +20,7 @@ import comfy.patcher_extension as pe
 import torch
 from comfy_api.v0_0_2 import io
 
-from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, resolve
+from safedig_core import ARCHITECTURES, SteeringDictionary, SteeringHooks, SteeringParams, resolve
 from safedig_core.errors import PackError, SafeDIGError
 from safedig_core.recorder import ScoreRecorder
 from safedig_core.steering import MAX_STRENGTH, in_step_range, rows_for_chunks, schedule_fraction
@@ -147,11 +147,17 @@ class Steer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, gate, apply_to, start_percent, end_percent) -> bool | str:
+    def validate_inputs(cls, mode, gate, apply_to, start_percent, end_percent, positions=None) -> bool | str:
         for problem in (check_choice("mode", mode, MODES), check_choice("gate", gate, GATES),
                         check_choice("apply_to", apply_to, APPLY_TO)):
             if problem:
                 return problem
+        bad = [p for p in parse_positions(positions) or []
+               if not any(a.id_pattern.match(p) for a in ARCHITECTURES.values())]
+        if bad:
+            return (f"positions {bad} are not position ids. Fix: list ids of the pack's routed positions, e.g. "
+                    "double.3.txt.mlp, single.10.out or joint.5.img.attn (see the pack_info output), or leave it "
+                    "empty for all of them.")
         for name, v in (("start_percent", start_percent), ("end_percent", end_percent)):
             if v is not None and not 0.0 <= v <= 1.0:
                 return f"{name} {v} is outside [0, 1]. Fix: use a fraction of the schedule between 0 and 1."

@@ -310,3 +310,32 @@ def test_bundled_model_in_comfyuis_sampler_is_the_reference_sampler(nodes, tmp_p
     assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and image.min() >= 0 and image.max() <= 1
     back = bundled.pixels_to_latent(image.permute(0, 3, 1, 2) * 2 - 1)  # exact inverse, up to the [0, 1] clamp
     assert torch.allclose(back, got.clamp(-1, 1), atol=1e-6)
+
+
+def _shipped_weights():
+    from safedig_core import bundled
+
+    return bundled.GENERATOR_WEIGHTS
+
+
+@pytest.mark.skipif(not _shipped_weights().exists(), reason="the shipped bundled model "
+                    "(safedig_core/assets/bundled_flux.safetensors) is not built yet")
+def test_shipped_bundled_model_with_the_text_encode_node_is_the_reference(nodes):
+    import comfy.sample
+
+    from safedig_core import bundled
+    from safedig_core.text_encoder import encode_prompts
+
+    text = "a red circle in the center"
+    ref = bundled.load_bundled()
+    cfg = ref.bundled_config
+    noise = bundled.initial_noise([11], cfg)
+    expected = bundled.sample(ref, *encode_prompts([text]), noise, steps=8, guidance=3.0,
+                              uncond=encode_prompts([""]))
+    patcher = nodes.bundled.LoadBundledModel.execute(weights=nodes.bundled.SHIPPED).result[0]
+    pos = nodes.bundled.BundledTextEncode.execute(text=text).result[0]
+    neg = nodes.bundled.BundledTextEncode.execute(text="").result[0]
+    latent = nodes.bundled.BundledEmptyLatent.execute(width=cfg.image_size, height=cfg.image_size,
+                                                      batch_size=1).result[0]["samples"]
+    got = comfy.sample.sample(patcher, noise.clone(), 8, 3.0, "euler", "simple", pos, neg, latent, seed=11)
+    assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()

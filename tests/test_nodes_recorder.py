@@ -1,0 +1,92 @@
+"""The Report node's data and pictures (safedig_core.recorder): no ComfyUI needed."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from safedig_core.recorder import ScoreRecorder, _ranges, colorize, render_step_heatmap, render_token_maps
+
+POS = ["double.0.img.attn", "double.0.txt.mlp", "single.0.out"]
+
+
+def recorder(gate="hard", taus=None):
+    rec = ScoreRecorder(POS, taus or {p: 0.5 for p in POS}, gate, label="test")
+    rec.begin(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), n_images=2)
+    rec.set_grid((4, 4), patch=2)  # 2x2 image tokens
+    return rec
+
+
+def test_steps_follow_the_schedule():
+    rec = recorder()
+    assert rec.n_steps == 4
+    assert [rec.step_of(s) for s in (1.0, 0.76, 0.5, 0.26, 0.2)] == [0, 1, 2, 3, 3]
+
+
+def test_rows_map_to_images_and_gate_uses_tau():
+    rec = recorder()
+    # cfg > 1 with uncond first: chunks [uncond, cond], 2 images per chunk; only cond rows (2, 3) are steered.
+    rows = torch.tensor([False, False, True, True])
+    img_scores = torch.tensor([[9.0, 9.0, 9.0, 9.0]] * 2 + [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.6]])
+    on_scores = rec.callback(step=1, rows=rows, per_chunk=2)
+    on_scores("double.0.img.attn", img_scores)
+    txt = torch.zeros(4, 3)
+    txt[2, 0] = 2.0
+    on_scores("double.0.txt.mlp", txt)
+    # single-stream: 3 text tokens then the 4 image tokens
+    single = torch.zeros(4, 7)
+    single[3, 6] = 1.0
+    on_scores("single.0.out", single)
+    m = rec.step_matrix()
+    assert m.shape == (3, 4)
+    assert np.isnan(m[:, 0]).all() and np.isnan(m[:, 2:]).all()  # steps not steered
+    assert m[0, 1] == pytest.approx(2 / 8) and m[1, 1] == pytest.approx(1 / 6) and m[2, 1] == pytest.approx(1 / 14)
+    maps = rec.token_maps()
+    assert maps.shape == (2, 2, 2)
+    # image 0: img.attn token 0 fired (1 of 2 position-rows); image 1: token 3 fired at both positions
+    assert maps[0].tolist() == [[0.5, 0.0], [0.0, 0.0]]
+    assert maps[1].tolist() == [[0.0, 0.0], [0.0, 1.0]]
+    assert rec.fired_steps() == {p: [1] for p in POS}
+    text = rec.summary()
+    assert "steps steered: 2 of 4" in text and "2 image(s), image tokens 2x2" in text
+    assert re.search(r"double.0.img.attn\s+0.5\s+25.0%\s+1\s+2", text), text
+    assert "verdict: the gate fired" in text
+
+
+def test_soft_gate_and_quiet_generation():
+    rec = recorder("soft", {p: 1.0 for p in POS})
+    rec.callback(0, None, 1)("double.0.img.attn", torch.tensor([[0.75, 0.5, 2.0, 0.0]]))
+    assert rec.step_matrix()[0, 0] == pytest.approx((0.5 + 0 + 1 + 0) / 4)  # soft ramp from tau/2 to tau
+    quiet = recorder()
+    quiet.callback(0, None, 1)("double.0.img.attn", torch.zeros(1, 4))
+    assert "verdict: the gate never fired" in quiet.summary()
+    assert quiet.fired_steps()["double.0.img.attn"] == []
+    assert "no generation recorded yet" in ScoreRecorder(POS, {p: 0 for p in POS}, "hard").summary()
+
+
+def test_begin_forgets_the_previous_generation():
+    rec = recorder()
+    rec.callback(0, None, 1)("double.0.img.attn", torch.ones(1, 4))
+    assert rec.entries
+    rec.begin([1.0, 0.0], n_images=1)
+    assert not rec.entries and rec.generation == 2 and rec.n_steps == 1
+
+
+def test_pictures():
+    rec = recorder()
+    rec.callback(1, None, 2)("double.0.img.attn", torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+    heat = render_step_heatmap([rec, recorder()])
+    assert heat.dtype == np.uint8 and heat.ndim == 3 and heat.shape[2] == 3
+    assert heat.shape[0] >= 6 * 14 and heat.shape[1] >= 4 * 14  # 2 steers x 3 positions, 4 steps
+    maps = render_token_maps([rec], size=(16, 16), n_images=2)
+    assert maps.shape == (2, 16, 16, 3)
+    assert (maps[0, 0, 0] != maps[0, 15, 15]).any()  # token 0 fired, token 3 did not
+    over = render_token_maps([rec], images=np.full((2, 8, 8, 3), 200, np.uint8))
+    assert over.shape == (2, 8, 8, 3)
+    unchanged = render_token_maps([], images=np.full((1, 8, 8, 3), 200, np.uint8))
+    assert (unchanged == 200).all()
+    assert colorize(np.array([math.nan]))[0].tolist() == [70, 70, 70]
+    assert _ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
+
