@@ -46,8 +46,10 @@ def _stream(position: str) -> str:
 class ScoreRecorder:
     """Scores of the latest generation for one steering setup (positions, taus, gate kind)."""
 
-    def __init__(self, positions: Sequence[str], taus: dict[str, float], gate: GateKind | str, label: str = ""):
+    def __init__(self, positions: Sequence[str], taus: dict[str, float], gate: GateKind | str, label: str = "",
+                 recording: bool = True):
         self.positions = list(positions)
+        self.recording = recording  # False: only which steps were steered is known, not the scores
         self.taus = {p: float(taus[p]) for p in self.positions}
         self.gate = GateKind(gate.lower() if isinstance(gate, str) else gate)
         self.label = label
@@ -131,7 +133,7 @@ class ScoreRecorder:
             count[i, e.step] += e.gate.numel()
         with np.errstate(invalid="ignore", divide="ignore"):
             out = total / count
-        for s in self.steps_seen:  # steered, but nothing recorded (e.g. position got no tokens)
+        for s in self.steps_seen if self.recording else ():  # steered, but no score (e.g. no tokens)
             if s < n:
                 out[:, s] = np.where(np.isnan(out[:, s]), 0.0, out[:, s])
         return out
@@ -180,6 +182,9 @@ class ScoreRecorder:
         grid = f", image tokens {self.grid[0]}x{self.grid[1]}" if self.grid else ""
         lines.append(f"  generation {self.generation}: {self.n_steps} steps, {max(self.n_images, 1)} image(s){grid}")
         lines.append(f"  steps steered: {_ranges([s + 1 for s in steered]) or 'none'} of {self.n_steps}")
+        if not self.recording:
+            lines.append("  scores were not recorded (record_for_report is off in the Steer node)")
+            return "\n".join(lines)
         fired = self.fired_steps()
         smax = self.score_max()
         rows = []
