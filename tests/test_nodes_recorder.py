@@ -90,3 +90,24 @@ def test_pictures():
     assert colorize(np.array([math.nan]))[0].tolist() == [70, 70, 70]
     assert _ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
 
+
+
+def test_the_node_pack_imports_without_comfyui():
+    """Outside ComfyUI the top-level package defines no nodes and imports nothing of ComfyUI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(root / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(root)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m)\n"
+        "assert not hasattr(m, 'comfy_entrypoint') and m.__all__ == []\n"
+        "assert not any(k == 'comfy' or k.startswith(('comfy.', 'comfy_api')) for k in sys.modules)\n"
+        "import safedig_core.recorder\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
