@@ -137,16 +137,21 @@ def execution_error(exc: PromptError) -> str:
 
 
 def _documented_inputs() -> dict[str, dict[str, tuple[str, str]]]:
-    """{node id: {input: (type, default)}} from the tables in docs/nodes.md."""
+    """{node id: {input: (type, default)}} from the `| input | type | default | ... |` tables in docs/nodes.md."""
     out: dict[str, dict[str, tuple[str, str]]] = {}
-    current = None
+    current, in_table = None, False
     for line in (ROOT / "docs" / "nodes.md").read_text().splitlines():
         m = re.match(r"^##+ .*\(`(SafeDIG\w+)`\)", line)
         if m:
-            current = out.setdefault(m.group(1), {})
+            current, in_table = out.setdefault(m.group(1), {}), False
+            continue
+        if not line.startswith("|"):
+            in_table = False
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if current is not None and line.startswith("|") and len(cells) >= 3 and cells[0] not in ("input", "---"):
+        if cells[:3] == ["input", "type", "default"]:
+            in_table = current is not None
+        elif in_table and not set(cells[0]) <= {"-"}:
             current[cells[0]] = (cells[1], cells[2])
     return out
 
