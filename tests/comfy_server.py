@@ -7,7 +7,8 @@ Use it as a pytest plugin, so every test module shares ONE server:
     def test_x(comfyui):                     # a ComfyServer, started once per session
         result = comfyui.run(prompt)          # POST /prompt, wait on /history, raise on execution errors
 
-The server runs `main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <tmp>`; <tmp> holds
+The server runs `main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <tmp>` (through a
+tiny launcher that also exits when the test process dies); <tmp> holds
 custom_nodes/ (links to this repo and to the test-only helper nodes), models/ (test files the session
 writes before starting), input/, output/, temp/, user/. It is always killed at the end of the session
 (and at interpreter exit), also when a test fails.
@@ -36,6 +37,18 @@ COMFYUI_DIR = Path(os.environ.get("SAFEDIG_COMFYUI", ROOT / ".comfyui"))
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes" / "safedig_test_only_nodes"
 PACK_LINK_NAME = "ComfyUI-SafeDIG"
 STARTUP_TIMEOUT_S = float(os.environ.get("SAFEDIG_COMFY_STARTUP_S", 180))
+# Runs ComfyUI's main.py as `python main.py ...` would, and exits when its stdin (a pipe from the test
+# process) closes: the server cannot outlive a test run that was killed without running its finalizers.
+_LAUNCHER = """
+import os, runpy, sys, threading
+def _watch():
+    sys.stdin.buffer.read()
+    os._exit(0)
+threading.Thread(target=_watch, daemon=True).start()
+sys.argv = ["main.py", *sys.argv[1:]]
+sys.path.insert(0, os.getcwd())
+runpy.run_path("main.py", run_name="__main__")
+"""
 
 
 class PromptError(AssertionError):
@@ -78,13 +91,13 @@ class ComfyServer:
             prepare(base)
         port = _free_port()
         log_path = base / "comfyui.log"
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        cmd = [sys.executable, "-c", _LAUNCHER, "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
                "--disable-metadata", *(extra_args or [])]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         log = open(log_path, "wb")  # noqa: SIM115  (closed in stop())
-        proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
         server = cls(base, port, proc, log_path)
         server._log = log
         atexit.register(server.stop)
@@ -112,9 +125,9 @@ class ComfyServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-        log = getattr(self, "_log", None)
-        if log is not None and not log.closed:
-            log.close()
+        for stream in (self.proc.stdin, getattr(self, "_log", None)):
+            if stream is not None and not stream.closed:
+                stream.close()
 
     def log_tail(self, chars: int = 6000) -> str:
         try:
