@@ -49,14 +49,13 @@ class SteerPatch:
     the dictionary's tensors are never duplicated.
     """
 
-    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str, record: bool = True):
+    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str):
         self.dictionary = dictionary
         self.params = params
         self.label = label
-        self.record = record
         taus = {p: params.tau_override if params.tau_override is not None
                 else dictionary.pack.domain_features(dictionary.domain, p).tau for p in dictionary.positions}
-        self.recorder = ScoreRecorder(dictionary.positions, taus, params.gate, label, recording=record)
+        self.recorder = ScoreRecorder(dictionary.positions, taus, params.gate, label)
 
     def __deepcopy__(self, memo):
         return self
@@ -91,10 +90,7 @@ class SteerPatch:
             if x.dim() >= 4:
                 rec.set_grid(tuple(x.shape[-2:]), getattr(dit, "patch_size", 1))
             per_chunk = batch // len(chunks) if chunks and batch % len(chunks) == 0 else batch
-            if self.record:
-                on_scores = rec.callback(rec.step_of(sigma), rows, per_chunk)
-            else:
-                rec.mark_step(rec.step_of(sigma))
+            on_scores = rec.callback(rec.step_of(sigma), rows, per_chunk)
         with SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, active=active, owner=self,
                            on_scores=on_scores, model_positions=positions):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -143,10 +139,6 @@ class Steer(io.ComfyNode):
                                        "negative/empty prompt (uncond), or both."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
-                io.Boolean.Input("record_for_report", default=True,
-                                 tooltip="Record every steered token's harmful score for SafeDIG Report. Costs a "
-                                         "full SAE encode of each steered token per routed position; off: only "
-                                         "tokens near the gate are encoded."),
                 io.String.Input("positions", default="", optional=True,
                                 tooltip="Optional comma-separated subset of the pack's routed positions "
                                         "(e.g. double.3.txt.mlp); empty: all of them."),
@@ -176,8 +168,7 @@ class Steer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dictionary, enabled, mode, blend_strength, repel_strength, gate, override_threshold,
-                threshold, apply_to, start_percent, end_percent, record_for_report=True,
-                positions="") -> io.NodeOutput:
+                threshold, apply_to, start_percent, end_percent, positions="") -> io.NodeOutput:
         for problem in (check_choice("mode", mode, MODES), check_choice("gate", gate, GATES),
                         check_choice("apply_to", apply_to, APPLY_TO)):
             if problem:
@@ -204,7 +195,7 @@ class Steer(io.ComfyNode):
                  f"{params.gate.value}, tau " + (f"{params.tau_override:g} (override)" if params.tau_override
                                                  is not None else "from pack")
                  + f"; applies to {params.apply_to.value}; schedule {start_percent:.0%}-{end_percent:.0%}")
-        patch = SteerPatch(dictionary, params, label, record=bool(record_for_report))
+        patch = SteerPatch(dictionary, params, label)
         out = model.clone()
         out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample)
         out.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, patch)

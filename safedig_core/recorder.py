@@ -46,10 +46,8 @@ def _stream(position: str) -> str:
 class ScoreRecorder:
     """Scores of the latest generation for one steering setup (positions, taus, gate kind)."""
 
-    def __init__(self, positions: Sequence[str], taus: dict[str, float], gate: GateKind | str, label: str = "",
-                 recording: bool = True):
+    def __init__(self, positions: Sequence[str], taus: dict[str, float], gate: GateKind | str, label: str = ""):
         self.positions = list(positions)
-        self.recording = recording  # False: only which steps were steered is known, not the scores
         self.taus = {p: float(taus[p]) for p in self.positions}
         self.gate = GateKind(gate.lower() if isinstance(gate, str) else gate)
         self.label = label
@@ -98,7 +96,8 @@ class ScoreRecorder:
         self.steps_seen.add(int(step))
 
     def add(self, step: int, position: str, scores: Tensor, rows: Tensor | None, per_chunk: int) -> None:
-        """Record exact scores [batch, tokens] of one model call; `rows` [batch] bool are the steered rows
+        """Record scores [batch, tokens] of one model call (exact where the gate may open: steering.steer);
+        `rows` [batch] bool are the steered rows
         (None: all); batch row r shows image r % per_chunk."""
         if position not in self.taus:
             return
@@ -133,7 +132,7 @@ class ScoreRecorder:
             count[i, e.step] += e.gate.numel()
         with np.errstate(invalid="ignore", divide="ignore"):
             out = total / count
-        for s in self.steps_seen if self.recording else ():  # steered, but no score (e.g. no tokens)
+        for s in self.steps_seen:  # steered, but no score (e.g. no tokens)
             if s < n:
                 out[:, s] = np.where(np.isnan(out[:, s]), 0.0, out[:, s])
         return out
@@ -182,9 +181,6 @@ class ScoreRecorder:
         grid = f", image tokens {self.grid[0]}x{self.grid[1]}" if self.grid else ""
         lines.append(f"  generation {self.generation}: {self.n_steps} steps, {max(self.n_images, 1)} image(s){grid}")
         lines.append(f"  steps steered: {_ranges([s + 1 for s in steered]) or 'none'} of {self.n_steps}")
-        if not self.recording:
-            lines.append("  scores were not recorded (record_for_report is off in the Steer node)")
-            return "\n".join(lines)
         fired = self.fired_steps()
         smax = self.score_max()
         rows = []

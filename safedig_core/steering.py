@@ -151,33 +151,35 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
     """Steered activation x' for x [batch, tokens, d_model]; returns x itself when nothing changes.
 
     row_mask [batch] bool selects the batch rows to steer (e.g. the cond chunk). Tokens with any
-    non-finite value are never touched. If scores_out is a list, the exact per-token harmful score
-    [batch, tokens] (zero where not computed) is appended to it (no pruning then).
+    non-finite value are never touched. If scores_out is a list, the per-token harmful score
+    [batch, tokens] is appended to it: exact where the gate may open, and the cheap upper bound (at or
+    below the gate floor, so those tokens surely stay shut) elsewhere; 0 outside the steered rows.
     """
     if params.is_identity and scores_out is None:
         return x
     tau = params.tau_override if params.tau_override is not None else w.tau
     floor = _gate_floor(tau, params.gate)
-    candidates = torch.isfinite(x).all(dim=-1)
+    steerable = torch.isfinite(x).all(dim=-1)
     if row_mask is not None:
-        candidates &= row_mask.to(x.device).view(-1, *([1] * (x.dim() - 2)))
-    if scores_out is None:
-        # Upper bound on g from the harmful latents alone (exact pruning: TopK never raises a latent).
-        bound = (x @ w.bound_W.T + w.bound_b).relu() @ w.harmful_weights
-        candidates &= bound > floor
+        steerable &= row_mask.to(x.device).view(-1, *([1] * (x.dim() - 2)))
+    # Upper bound on g from the harmful latents alone (exact pruning: TopK never raises a latent).
+    bound = (x @ w.bound_W.T + w.bound_b).relu() @ w.harmful_weights
+    candidates = steerable & (bound > floor)
     idx = candidates.nonzero(as_tuple=True)
+    reported = torch.where(steerable, bound, torch.zeros_like(bound)) if scores_out is not None else None
     if idx[0].numel() == 0:
-        if scores_out is not None:
-            scores_out.append(torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device))
+        if reported is not None:
+            scores_out.append(reported)
         return x
 
     xc = x[idx]
     z = _encode(xc, w)  # the full encoder, on candidate tokens only
     score = z[:, w.harmful_ids] @ w.harmful_weights
-    if scores_out is not None:
-        full = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-        full[idx] = score
-        scores_out.append(full)
+    if reported is not None:
+        reported[idx] = score
+        scores_out.append(reported)
+        if params.is_identity:
+            return x
     gate = gate_open_from(score, tau, params.gate).unsqueeze(-1)
 
     new = xc

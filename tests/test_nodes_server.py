@@ -66,7 +66,7 @@ def write_test_files(base: Path) -> None:
 
 STEER_DEFAULTS = dict(enabled=True, mode="Blend", blend_strength=1.0, repel_strength=1.0, gate="hard",
                       override_threshold=False, threshold=0.0, apply_to="cond", start_percent=0.0,
-                      end_percent=1.0, record_for_report=True, positions="")
+                      end_percent=1.0, positions="")
 
 
 def sd3_graph(tag: str, steer: dict | list[dict] | None = None, *, cfg: float = 1.0, steps: int = 3, batch: int = 1,

@@ -191,3 +191,20 @@ def test_schedule_fraction():
     sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
     assert [schedule_fraction(s, sigmas) for s in (1.0, 0.75, 0.5, 0.25)] == [0.0, 1 / 3, 2 / 3, 1.0]
     assert schedule_fraction(0.5, None) == 0.0
+
+
+def test_reported_scores_are_exact_where_the_gate_may_open_and_a_shut_bound_elsewhere():
+    x = activations(11)
+    w = weights()
+    w.tau = median_tau(x, w)
+    exact = harmful_scores(x, w)
+    rows = torch.tensor([True, False, True])
+    scores = []
+    out = steer(x, w, SteeringParams(mode="repel"), row_mask=rows, scores_out=scores)
+    reported = scores[0]
+    assert torch.equal(reported[~rows], torch.zeros_like(reported[~rows]))
+    may_open = reported[rows] > w.tau
+    torch.testing.assert_close(reported[rows][may_open], exact[rows][may_open])
+    assert (reported[rows][~may_open] <= w.tau).all()
+    assert (reported[rows][~may_open] >= exact[rows][~may_open] - 1e-5).all()
+    assert torch.equal(out, steer(x, w, SteeringParams(mode="repel"), row_mask=rows))  # recording changes nothing
