@@ -232,9 +232,9 @@ def register_preparer(fn: Callable[[Path], None]) -> Callable[[Path], None]:
     return fn
 
 
-@pytest.fixture(scope="session")
-def comfyui(tmp_path_factory) -> ComfyServer:
-    base = tmp_path_factory.mktemp("comfy_base")
+def start_test_server(base: Path) -> ComfyServer:
+    """A server on `base` with every registered preparer's files and an extra_model_paths.yaml that adds
+    base/extra_packs as a `safedig` folder (the session fixture; benchmarks call it directly)."""
 
     def prepare(b: Path) -> None:
         for fn in _PREPARERS:
@@ -244,7 +244,12 @@ def comfyui(tmp_path_factory) -> ComfyServer:
     extra_packs = base / "extra_packs"
     extra_packs.mkdir()
     extra.write_text(f"safedig_test:\n    safedig: {extra_packs}\n")
-    server = ComfyServer.start(base, prepare, ["--extra-model-paths-config", str(extra)])
+    return ComfyServer.start(base, prepare, ["--extra-model-paths-config", str(extra)])
+
+
+@pytest.fixture(scope="session")
+def comfyui(tmp_path_factory) -> ComfyServer:
+    server = start_test_server(tmp_path_factory.mktemp("comfy_base"))
     try:
         yield server
     finally:
