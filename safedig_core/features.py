@@ -1,0 +1,198 @@
+"""Harmful features, safe anchors and the gate threshold (method.md sections 3 and 5).
+
+Per latent j, from matched unsafe/safe pairs through the frozen encoder: each row (a prompt at a captured
+step) is summarised by the latent's max over the row's tokens ("does it fire anywhere"), and
+    smd_j = (mean_unsafe - mean_safe) / sqrt((var_unsafe + var_safe) / 2)
+Harmful set H: the top n_harmful latents with smd_j > min_smd; weights w_j = smd_j / sum (non-negative,
+summing to 1, so g = sum w_j z_j is a weighted mean activation). Safe anchor: the top n_anchor latents
+with smd_j < -min_smd, valued at their mean activation on the safe tokens where they fire. A target
+domain keeps the ids of H and re-estimates weights (clipped at 0) and the anchor on its own pairs.
+
+Gate threshold: the generator samples benign prompts with the full schedule; per generation and position
+the max of g over the prompt's tokens and all steps is recorded. tau_p is the same order statistic at
+every position (the j-th largest), with j the largest count for which at most `fire_rate` of the
+generations fire anywhere (g > tau at any routed position and step). The per-token harmful activations
+z_H are kept, so every domain's tau comes from the same generations without sampling again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .collect import ActivationSet, PromptRecord
+from .generators import Generator
+from .hooks import ActivationCapture
+from .routing import auroc
+from .sae import TopKSAE
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    n_harmful: int = 16
+    n_anchor: int = 8
+    min_smd: float = 0.5
+    fire_rate: float = 0.01
+
+
+@dataclass
+class ClassStats:
+    """Running sums per latent over the rows of one class."""
+
+    rows: int
+    max_sum: Tensor      # sum over rows of the row max
+    max_sq: Tensor       # sum of squares of the row max
+    active_sum: Tensor   # sum of activations over tokens where the latent fires
+    active_count: Tensor
+
+    @classmethod
+    def empty(cls, d_sae: int) -> ClassStats:
+        z = lambda: torch.zeros(d_sae, dtype=torch.float64)  # noqa: E731
+        return cls(0, z(), z(), z(), z())
+
+    def mean_var(self) -> tuple[Tensor, Tensor]:
+        n = max(self.rows, 1)
+        mean = self.max_sum / n
+        return mean, (self.max_sq / n - mean.pow(2)).clamp_min(0)
+
+    def active_mean(self) -> Tensor:
+        return self.active_sum / self.active_count.clamp_min(1)
+
+
+def _encode_rows(sae: TopKSAE, x: Tensor) -> Tensor:
+    rows, tokens, d = x.shape
+    return sae.encode(x.reshape(-1, d).float()).view(rows, tokens, -1)
+
+
+@torch.no_grad()
+def pair_statistics(sae: TopKSAE, aset: ActivationSet, position: str) -> tuple[ClassStats, ClassStats]:
+    """(unsafe, safe) statistics of every latent over the paired rows of a collection, shard by shard."""
+    unsafe, safe = ClassStats.empty(sae.d_sae), ClassStats.empty(sae.d_sae)
+    for shard in aset.shards:
+        t = aset.read(shard, [f"act.{position}", "row.prompt"])
+        recs = [aset.prompts[i] for i in t["row.prompt"].tolist()]
+        z = _encode_rows(sae, t[f"act.{position}"])
+        for stats, label in ((unsafe, 1), (safe, 0)):
+            keep = torch.tensor([r.pair >= 0 and r.label == label for r in recs])
+            if not keep.any():
+                continue
+            zk = z[keep].double()
+            row_max = zk.amax(1)
+            stats.rows += int(keep.sum())
+            stats.max_sum += row_max.sum(0)
+            stats.max_sq += row_max.pow(2).sum(0)
+            stats.active_sum += zk.sum((0, 1))
+            stats.active_count += (zk > 0).sum((0, 1))
+    return unsafe, safe
+
+
+def smd(unsafe: ClassStats, safe: ClassStats) -> Tensor:
+    (mu_u, var_u), (mu_s, var_s) = unsafe.mean_var(), safe.mean_var()
+    return (mu_u - mu_s) / ((var_u + var_s) / 2).sqrt().clamp_min(1e-6)
+
+
+def select_features(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> dict:
+    """Harmful ids + weights and safe anchor ids + values (see module doc)."""
+    s = smd(unsafe, safe)
+    order = s.argsort(descending=True)
+    harmful = [int(j) for j in order[: cfg.n_harmful] if s[j] > cfg.min_smd] or [int(order[0])]
+    anchors = [int(j) for j in order.flip(0)[: cfg.n_anchor] if s[j] < -cfg.min_smd]
+    out = domain_features(unsafe, safe, harmful, anchors)
+    out["harmful_ids"] = harmful
+    return out
+
+
+def domain_features(unsafe: ClassStats, safe: ClassStats, harmful: list[int], anchors: list[int] | None = None,
+                    cfg: FeatureConfig | None = None) -> dict:
+    """Weights of a fixed H, and a safe anchor (re-chosen from these pairs when `anchors` is None)."""
+    s = smd(unsafe, safe)
+    if anchors is None:
+        cfg = cfg or FeatureConfig()
+        anchors = [int(j) for j in s.argsort()[: cfg.n_anchor] if s[j] < -cfg.min_smd]
+    w = s[harmful].clamp_min(0)
+    w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(harmful))  # no signal: plain mean of H
+    return {"harmful_weights": [round(float(v), 6) for v in w],
+            "harmful_smd": [round(float(v), 4) for v in s[harmful]],
+            "safe_anchor_ids": anchors,
+            "safe_anchor_values": [round(float(v), 6) for v in safe.active_mean()[anchors]]}
+
+
+@torch.no_grad()
+def row_scores(sae: TopKSAE, aset: ActivationSet, position: str, harmful: list[int], weights: Sequence[float]):
+    """(max over tokens of g per row, label per row) for the paired rows of a collection."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    scores, labels = [], []
+    for shard in aset.shards:
+        t = aset.read(shard, [f"act.{position}", "row.prompt"])
+        recs = [aset.prompts[i] for i in t["row.prompt"].tolist()]
+        keep = torch.tensor([r.pair >= 0 for r in recs])
+        if keep.any():
+            z = _encode_rows(sae, t[f"act.{position}"][keep])
+            scores.append((z[..., harmful] @ w).amax(1))
+            labels.append(torch.tensor([r.label for r, k in zip(recs, keep.tolist(), strict=True) if k]))
+    return torch.cat(scores), torch.cat(labels)
+
+
+def detection_auroc(scores: Tensor, labels: Tensor) -> float:
+    return auroc(scores[labels == 1], scores[labels == 0])
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+@torch.no_grad()
+def record_harmful(generator: Generator, prompts: Sequence[PromptRecord], saes: dict[str, TopKSAE],
+                   harmful: dict[str, list[int]], batch_size: int = 64, progress: bool = True,
+                   desc: str = "calibrate") -> dict[str, Tensor]:
+    """Sample every prompt with the full schedule; per position the harmful activations z_H of the cond
+    tokens: {position: [prompts, steps, tokens, |H|] float16}."""
+    from tqdm import tqdm
+
+    out: dict[str, list[Tensor]] = {p: [] for p in saes}
+    current: dict[str, list[Tensor]] = {}
+
+    def on_activation(position: str, x) -> None:
+        x = x[generator.cond_rows(x.shape[0])].float()
+        z = saes[position].encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
+        current[position].append(z[..., harmful[position]].half())
+
+    bar = tqdm(total=len(prompts), desc=desc, unit="gen", disable=not progress, dynamic_ncols=True)
+    with ActivationCapture(generator.model, list(saes), on_activation=on_activation):
+        for b in range(0, len(prompts), batch_size):
+            batch = prompts[b:b + batch_size]
+            current.clear()
+            current.update({p: [] for p in saes})
+            generator.run([p.text for p in batch], [p.seed for p in batch], lambda _i: None)
+            for p in saes:
+                out[p].append(torch.stack(current[p], dim=1))  # [batch, steps, tokens, |H|]
+            bar.update(len(batch))
+    bar.close()
+    return {p: torch.cat(v) for p, v in out.items()}
+
+
+def generation_maxima(zh: Tensor, weights: Sequence[float]) -> Tensor:
+    """Max over steps and tokens of g = z_H . w, per generation."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    return torch.cat([(chunk.float() @ w).flatten(1).amax(1) for chunk in zh.split(64)])
+
+
+def calibrate_tau(maxima: dict[str, Tensor], fire_rate: float) -> tuple[dict[str, float], float]:
+    """Per-position tau (the same order statistic of the benign maxima everywhere) such that at most
+    fire_rate of the generations fire at any position; returns (taus, achieved benign firing rate)."""
+    n = next(iter(maxima.values())).numel()
+    ordered = {p: m.sort(descending=True).values for p, m in maxima.items()}
+    for j in range(int(fire_rate * n), -1, -1):
+        taus = {p: float(v[j]) for p, v in ordered.items()}
+        rate = firing_rate(maxima, taus)
+        if rate <= fire_rate:
+            return taus, rate
+    raise AssertionError("j = 0 puts tau at the maximum, where nothing fires")
+
+
+def firing_rate(maxima: dict[str, Tensor], taus: dict[str, float]) -> float:
+    """Share of generations whose g exceeds tau at any position (hard gate)."""
+    fired = torch.stack([maxima[p] > taus[p] for p in taus]).any(0)
+    return float(fired.double().mean())
