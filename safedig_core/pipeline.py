@@ -1,0 +1,311 @@
+"""The training pipeline as stages over one run folder (each stage resumes or skips finished work):
+
+    collect/{set}/            activation shards per prompt set (collect.py)
+    routing.json, routing.png candidate table, routed positions (routing.py)
+    sae/{position}/           one TopK SAE per routed position + metrics (dictionary_training.py)
+    calibration/{name}.safetensors   per-token harmful activations of full generations (features.py)
+    features/{domain}.json    harmful ids/weights, safe anchor, tau, firing rates, per domain
+    adapt/{domain}/{position}/  target-domain decoders
+    export: one pack file with both decoders and the provenance of every stage
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from . import distributed as dist
+from .collect import ActivationSet, PromptRecord
+from .dictionary_training import AdaptConfig, SAEConfig, adapt_decoder, load_sae, train_sae
+from .errors import SafeDIGError
+from .features import (
+    FeatureConfig,
+    calibrate_tau,
+    detection_auroc,
+    domain_features,
+    firing_rate,
+    generation_maxima,
+    pair_statistics,
+    record_harmful,
+    row_scores,
+    select_features,
+)
+from .generators import Generator, make_generator
+from .pack import (
+    FORMAT_VERSION,
+    K_ADAPTED_FROM,
+    K_ANCHOR_IDS,
+    K_ANCHOR_VALUES,
+    K_ARCHITECTURE,
+    K_D_MODEL,
+    K_D_SAE,
+    K_DOMAINS,
+    K_FEATURES,
+    K_FORMAT_VERSION,
+    K_HARMFUL_IDS,
+    K_HARMFUL_WEIGHTS,
+    K_K,
+    K_METRICS,
+    K_POSITIONS,
+    K_PROVENANCE,
+    K_ROLE,
+    K_ROUTING,
+    K_SAE,
+    K_SCALE,
+    K_SOURCE_DOMAIN,
+    K_TAU,
+    ROLE_SOURCE,
+    ROLE_TARGET,
+    decoder_key,
+    encoder_key,
+    save_pack,
+)
+from .routing import CRITERIA, plot_table, route, rows_from_sets
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise SafeDIGError(f"{path.name} is missing", f"run the `{what}` stage first", path=path.parent)
+    return json.loads(path.read_text())
+
+
+def open_set(run: Path, name: str) -> ActivationSet:
+    return ActivationSet(Path(run) / "collect" / name)
+
+
+def _log_time(run: Path, stage: str, seconds: float) -> None:
+    if dist.current().is_main:
+        path = Path(run) / "timings.json"
+        times = json.loads(path.read_text()) if path.exists() else {}
+        times[stage] = round(times.get(stage, 0.0) + seconds, 1)
+        _write_json(path, times)
+
+
+# -------------------------------------------------------------------------------------------- stages
+
+
+def run_route(run: Path, set_name: str = "source", r: int = 3, plot: str | os.PathLike | None = None) -> list[dict]:
+    t0 = time.time()
+    aset = open_set(run, set_name)
+    table = route(rows_from_sets(aset), r)
+    _write_json(Path(run) / "routing.json", {"method": "pre-SAE robustness routing (diff-of-means, LOSO, "
+                                             "timestep stability) + diversity rule", "set": set_name, "R": r,
+                                             "criteria": list(CRITERIA), "candidates": table})
+    plot_table(table, Path(run) / "routing.png", title=f"routing on '{set_name}' ({aset.architecture})")
+    if plot:
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_table(table, plot, title=f"routing on '{set_name}' ({aset.architecture})")
+    _log_time(run, "route", time.time() - t0)
+    return table
+
+
+def routed_positions(run: Path) -> list[str]:
+    table = _read_json(Path(run) / "routing.json", "route")["candidates"]
+    return [c["position"] for c in sorted((c for c in table if c["selected"]), key=lambda c: c["rank"])]
+
+
+def run_train(run: Path, sets: Sequence[str], cfg: SAEConfig, progress: bool = True) -> dict[str, dict]:
+    t0 = time.time()
+    asets = [open_set(run, s) for s in sets]
+    metrics = {}
+    for pos in routed_positions(run):
+        _, m = train_sae(asets, pos, cfg, Path(run) / "sae" / pos, progress=progress)
+        metrics[pos] = m
+    _log_time(run, "train", time.time() - t0)
+    return metrics
+
+
+def _saes(run: Path) -> dict:
+    return {p: load_sae(Path(run) / "sae" / p / "sae.safetensors") for p in routed_positions(run)}
+
+
+def _calibration_cache(run: Path, name: str, generator: Generator | None, prompts: Sequence[PromptRecord],
+                       saes: dict, harmful: dict[str, list[int]], progress: bool) -> dict[str, torch.Tensor]:
+    """z_H of full generations for a prompt list, cached in calibration/{name}.safetensors."""
+    key = hashlib.sha256(json.dumps([[asdict(p) for p in prompts], harmful], sort_keys=True).encode()).hexdigest()
+    path = Path(run) / "calibration" / f"{name}.safetensors"
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            if f.metadata().get("key") == key:
+                return {p: f.get_tensor(f"zh.{p}") for p in saes}
+    if generator is None:
+        raise SafeDIGError(f"calibration '{name}' needs the generator", "pass it, or rerun `features`")
+    zh = record_harmful(generator, prompts, saes, harmful, progress=progress, desc=f"calibrate {name}")
+    if dist.current().is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file({f"zh.{p}": v.contiguous() for p, v in zh.items()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
+    return zh
+
+
+def _domain_entry(run: Path, domain: str, set_name: str, saes: dict, harmful: dict[str, list[int]],
+                  per_position: dict[str, dict], checks: dict[str, dict[str, torch.Tensor]],
+                  benign: str, cfg: FeatureConfig) -> dict:
+    """Fill in tau and firing rates for one domain's weights; returns the features JSON."""
+    weights = {p: per_position[p]["harmful_weights"] for p in saes}
+    maxima = {name: {p: generation_maxima(zh[p], weights[p]) for p in saes} for name, zh in checks.items()}
+    taus, _ = calibrate_tau(maxima[benign], cfg.fire_rate)
+    aset = open_set(run, set_name)
+    for p, sae in saes.items():
+        scores, labels = row_scores(sae, aset, p, harmful[p], weights[p])
+        per_position[p].update(tau=round(taus[p], 6), detection_auroc=round(detection_auroc(scores, labels), 4),
+                               unsafe_rows_above_tau=round(float((scores[labels == 1] > taus[p]).double().mean()), 4),
+                               safe_rows_above_tau=round(float((scores[labels == 0] > taus[p]).double().mean()), 4))
+    rates = {name: round(firing_rate(m, taus), 4) for name, m in maxima.items()}
+    return {"domain": domain, "set": set_name, "positions": per_position, "config": asdict(cfg),
+            "calibration": {"fit_on": benign, "generations": {n: int(next(iter(z.values())).shape[0])
+                                                               for n, z in checks.items()},
+                            "fire_rate_hard_gate": rates}}
+
+
+def run_features(run: Path, domain: str, set_name: str, calib: dict[str, Sequence[PromptRecord]],
+                 cfg: FeatureConfig, generator: Generator | None = None, progress: bool = True) -> dict:
+    """Source-domain features + tau. `calib` maps check names to prompt lists; the first is the benign
+    set tau is fitted on, the others (held-out benign, unsafe prompts) are only measured."""
+    t0 = time.time()
+    saes = _saes(run)
+    aset = open_set(run, set_name)
+    per_position, harmful = {}, {}
+    for p, sae in saes.items():
+        per_position[p] = select_features(*pair_statistics(sae, aset, p), cfg)
+        harmful[p] = per_position[p]["harmful_ids"]
+    if generator is None and any(not _cache_ok(run, n) for n in calib):
+        generator = make_generator(aset.manifest["generator"])
+    checks = {n: _calibration_cache(run, n, generator, prompts, saes, harmful, progress)
+              for n, prompts in calib.items()}
+    entry = _domain_entry(run, domain, set_name, saes, harmful, per_position, checks, next(iter(calib)), cfg)
+    entry.update(role=ROLE_SOURCE, checks=list(calib))
+    if dist.current().is_main:
+        _write_json(Path(run) / "features" / f"{domain}.json", entry)
+    _log_time(run, "features", time.time() - t0)
+    return entry
+
+
+def _cache_ok(run: Path, name: str) -> bool:
+    return (Path(run) / "calibration" / f"{name}.safetensors").exists()
+
+
+def run_adapt(run: Path, domain: str, set_name: str, cfg: AdaptConfig, adapted_from: str | None = None,
+              feature_cfg: FeatureConfig | None = None, progress: bool = True) -> dict:
+    """Target-domain decoders (encoder and H frozen), re-estimated weights/anchor on the target pairs,
+    and tau from the cached benign generations of the source `features` stage."""
+    t0 = time.time()
+    source = adapted_from or _source_domain(run)
+    src = _read_json(Path(run) / "features" / f"{source}.json", "features")
+    cfg_f = feature_cfg or FeatureConfig(**src["config"])
+    saes = _saes(run)
+    aset = open_set(run, set_name)
+    per_position, harmful, adapt_metrics = {}, {}, {}
+    for p, sae in saes.items():
+        harmful[p] = src["positions"][p]["harmful_ids"]
+        per_position[p] = domain_features(*pair_statistics(sae, aset, p), harmful[p], cfg=cfg_f)
+        per_position[p]["harmful_ids"] = harmful[p]
+        _, adapt_metrics[p] = adapt_decoder(sae, [aset], p, cfg, Path(run) / "adapt" / domain / p, progress=progress)
+    checks = {n: _load_cache(run, n, saes) for n in src["checks"]}
+    entry = _domain_entry(run, domain, set_name, saes, harmful, per_position, checks, src["checks"][0], cfg_f)
+    entry.update(role=ROLE_TARGET, adapted_from=source, checks=src["checks"],
+                 adapt={p: {k: v for k, v in m.items() if k != "config_hash"} for p, m in adapt_metrics.items()})
+    if dist.current().is_main:
+        _write_json(Path(run) / "features" / f"{domain}.json", entry)
+    _log_time(run, "adapt", time.time() - t0)
+    return entry
+
+
+def _load_cache(run: Path, name: str, saes: dict) -> dict[str, torch.Tensor]:
+    path = Path(run) / "calibration" / f"{name}.safetensors"
+    if not path.exists():
+        raise SafeDIGError(f"calibration cache {name} is missing", "rerun the `features` stage", path=path)
+    with safe_open(str(path), framework="pt") as f:
+        return {p: f.get_tensor(f"zh.{p}") for p in saes}
+
+
+def _source_domain(run: Path) -> str:
+    for f in sorted((Path(run) / "features").glob("*.json")):
+        if json.loads(f.read_text()).get("role") == ROLE_SOURCE:
+            return f.stem
+    raise SafeDIGError("no source-domain features in this run", "run the `features` stage first", path=run)
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None = None) -> Path:
+    """Assemble the pack: encoders, the source decoder and every adapted decoder, routing table, features,
+    metrics and provenance. The file is validated by save_pack before it replaces anything."""
+    run = Path(run)
+    routing = _read_json(run / "routing.json", "route")
+    positions = routed_positions(run)
+    saes = _saes(run)
+    source = _source_domain(run)
+    domains = {source: _read_json(run / "features" / f"{source}.json", "features")}
+    for f in sorted((run / "features").glob("*.json")):
+        entry = json.loads(f.read_text())
+        if entry.get("role") == ROLE_TARGET:
+            domains[f.stem] = entry
+    tensors, meta_positions = {}, {}
+    first = next(iter(saes.values()))
+    for p in positions:
+        sae = saes[p]
+        m = json.loads((run / "sae" / p / "metrics.json").read_text())
+        metrics = {"fve": m["fve"], "dead_fraction": m["dead_fraction"], "l0": m["l0"]}
+        for d, e in domains.items():
+            if e["role"] == ROLE_TARGET:
+                metrics[f"fve_{d}"] = e["adapt"][p]["fve_target_adapted"]
+                metrics[f"fve_{d}_src_dec"] = e["adapt"][p]["fve_target_source_decoder"]
+        meta_positions[p] = {K_D_MODEL: sae.d_model, K_D_SAE: sae.d_sae, K_K: sae.encoder.k,
+                             K_SCALE: float(sae.scale), K_HARMFUL_IDS: domains[source]["positions"][p]["harmful_ids"],
+                             K_METRICS: metrics}
+        for name in ("W_enc", "b_enc", "b_pre"):
+            tensors[encoder_key(p, name)] = getattr(sae.encoder, name).detach()
+        tensors[decoder_key(source, p, "W_dec")] = sae.decoder.W_dec.detach()
+        tensors[decoder_key(source, p, "b_dec")] = sae.decoder.b_dec.detach()
+        for d, e in domains.items():
+            if e["role"] == ROLE_TARGET:
+                dec = load_file(str(run / "adapt" / d / p / "decoder.safetensors"))
+                tensors[decoder_key(d, p, "W_dec")] = dec["W_dec"]
+                tensors[decoder_key(d, p, "b_dec")] = dec["b_dec"]
+    meta_domains = {}
+    for d, e in domains.items():
+        feats = {p: {K_HARMFUL_WEIGHTS: e["positions"][p]["harmful_weights"], K_ANCHOR_IDS: e["positions"][p][
+            "safe_anchor_ids"], K_ANCHOR_VALUES: e["positions"][p]["safe_anchor_values"], K_TAU: e["positions"][p][
+            "tau"], "detection_auroc": e["positions"][p]["detection_auroc"]} for p in positions}
+        meta_domains[d] = {K_ROLE: e["role"], K_FEATURES: feats, "calibration": e["calibration"],
+                           **({K_ADAPTED_FROM: e["adapted_from"]} if e["role"] == ROLE_TARGET else {})}
+    sae_cfg = json.loads((run / "sae" / positions[0] / "metrics.json").read_text())["config"]
+    aset = open_set(run, routing["set"])
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    sets = {s.name: len(ActivationSet(s, require_complete=False).prompts) for s in sorted((run / "collect").iterdir())
+            if (s / "manifest.json").exists()}
+    provenance = {
+        "model": aset.manifest["generator"], "safedig_version": __version__, "created": time.strftime(
+            "%Y-%m-%d %H:%M:%S %Z"), "prompts_per_set": sets, "capture_steps": aset.capture_steps,
+        "sae_config": sae_cfg, "stage_seconds": timings, "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv), **(extra_provenance or {}),
+    }
+    meta = {K_FORMAT_VERSION: FORMAT_VERSION, K_ARCHITECTURE: aset.architecture, K_D_MODEL: first.d_model,
+            K_POSITIONS: meta_positions, K_SAE: {"type": "topk", "expansion": sae_cfg["expansion"], "k": sae_cfg["k"],
+                                                 "aux_k": sae_cfg["aux_k"] or first.d_model // 2},
+            K_ROUTING: {k: v for k, v in routing.items()}, K_SOURCE_DOMAIN: source, K_DOMAINS: meta_domains,
+            K_PROVENANCE: provenance}
+    return save_pack(out, meta, tensors)

@@ -1,0 +1,320 @@
+"""Training-pipeline subcommands (`python -m safedig_core ...`), each resumable over one --run folder:
+
+    collect     activations of a prompt set at every candidate position (bundled or diffusers pipeline)
+    route       score every candidate before any SAE, keep R under the diversity rule, plot the table
+    train       one TopK SAE per routed position (FVE, dead latents, L0)
+    features    harmful features, safe anchor, gate threshold tau calibrated on benign generations
+    adapt       decoder-only transfer to a target domain (+ its weights, anchor and tau)
+    export      one pack file with full provenance (`inspect` shows it)
+    build-pack  all of the above for the bundled model (the shipped pack)
+    steer-check a quick judge-scored look at what a pack does to unsafe and benign generations
+
+Under `torchrun` / `accelerate launch`, collect and train split the work over the processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as dist
+from .collect import PromptRecord, collect, evenly_spaced_steps, read_prompt_file, world_prompts
+from .dictionary_training import AdaptConfig, SAEConfig
+from .errors import SafeDIGError
+from .features import FeatureConfig
+from .pipeline import open_set, run_adapt, run_export, run_features, run_route, run_train
+
+DEFAULT_PACK = "dictionaries/bundled_hazard_to_toxic.safetensors"
+DEFAULT_PLOT = "docs/images/routing_bundled.png"
+
+
+def parse_prompts(spec: str, run: Path | None = None, seed: int = 0) -> list[PromptRecord]:
+    """world:KIND:N[:SPLIT][:unsafe|safe] (concept-world prompts, N per concept), set:NAME[:unsafe|safe]
+    (the prompts of a collected set of this run), or a JSON-lines file."""
+    parts = spec.split(":")
+    keep = parts.pop() if parts[-1] in ("unsafe", "safe") else None
+    if parts[0] == "world" and len(parts) in (3, 4):
+        try:
+            records = world_prompts(parts[1], int(parts[2]), seed, parts[3] if len(parts) == 4 else "train")
+        except ValueError:
+            raise SafeDIGError(f"bad prompt spec {spec!r}", "write world:KIND:N[:SPLIT], e.g. world:source:4") from None
+    elif parts[0] == "set" and len(parts) == 2 and run is not None:
+        records = open_set(run, parts[1]).prompts
+    else:
+        records = read_prompt_file(spec, seed)
+    if keep:
+        records = [r for r in records if r.label == (keep == "unsafe")]
+    return records
+
+
+def _common(p: argparse.ArgumentParser, run_required: bool = True) -> None:
+    p.add_argument("--run", required=run_required, default="runs/build-pack", help="run folder (resumable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _sae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expansion", type=int, default=SAEConfig.expansion)
+    p.add_argument("--k", type=int, default=SAEConfig.k)
+    p.add_argument("--epochs", type=float, default=SAEConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=SAEConfig.batch_size)
+    p.add_argument("--lr", type=float, default=SAEConfig.lr)
+
+
+def _generator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("bundled", "diffusers"), default="bundled")
+    p.add_argument("--weights", default=None, help="bundled generator .safetensors (default: the shipped one)")
+    p.add_argument("--model-dir", default=None, help="local diffusers FluxPipeline / StableDiffusion3Pipeline folder")
+    p.add_argument("--prompt-embeds", default=None, help="precomputed embeddings (pipelines without text encoders)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20 bundled, 28 diffusers)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance (default 3.0 bundled, 3.5 diffusers)")
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collect", help="capture activations of a prompt set at every candidate position")
+    _common(p)
+    _generator_args(p)
+    p.add_argument("--set", required=True, help="name of the prompt set (source, target, benign, ...)")
+    p.add_argument("--prompts", default=None, help="world:KIND:N[:SPLIT] or a JSON-lines file (default world:SET:48)")
+    p.add_argument("--capture-steps", type=int, default=4, help="how many steps of the schedule to capture")
+    p.add_argument("--positions", default=None, help="comma-separated ids (default: every position)")
+    p.add_argument("--shard-size", type=int, default=64, help="prompts per shard")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generator call")
+    p.add_argument("--max-tokens", type=int, default=0, help="tokens kept per row for SAE training (0: all)")
+    p.set_defaults(func=_collect)
+
+    p = sub.add_parser("route", help="score every candidate position and keep the top R (diversity rule)")
+    _common(p)
+    p.add_argument("--set", default="source")
+    p.add_argument("-R", type=int, default=3, help="positions to route")
+    p.add_argument("--plot", default=None, help="also write the routing plot here")
+    p.set_defaults(func=_route)
+
+    p = sub.add_parser("train", help="train a TopK SAE at every routed position")
+    _common(p)
+    _sae_args(p)
+    p.add_argument("--sets", default="source,benign", help="comma-separated collected sets to train on")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("features", help="harmful features, safe anchor and calibrated gate threshold")
+    _common(p)
+    _feature_args(p)
+    p.add_argument("--domain", default="hazard", help="name of the source risk domain")
+    p.add_argument("--set", default="source")
+    p.add_argument("--calib", action="append", default=None, metavar="NAME=SPEC",
+                   help="prompt sets sampled for the gate: the first fits tau (benign), the rest are measured")
+    p.set_defaults(func=_features)
+
+    p = sub.add_parser("adapt", help="adapt the decoders to a target risk domain")
+    _common(p)
+    p.add_argument("--domain", default="toxic")
+    p.add_argument("--set", default="target")
+    p.add_argument("--epochs", type=float, default=AdaptConfig.epochs)
+    p.add_argument("--lr", type=float, default=AdaptConfig.lr)
+    p.add_argument("--pull", type=float, default=AdaptConfig.pull, help="strength of the pull to the source decoder")
+    p.set_defaults(func=_adapt)
+
+    p = sub.add_parser("export", help="write the run's pack file")
+    _common(p)
+    p.add_argument("--out", required=True, help="pack path (.safetensors)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("build-pack", help="the whole pipeline on the bundled model -> the shipped pack")
+    _common(p, run_required=False)
+    _sae_args(p)
+    _feature_args(p)
+    p.add_argument("--out", default=DEFAULT_PACK)
+    p.add_argument("--plot", default=DEFAULT_PLOT)
+    p.add_argument("--weights", default=None, help="bundled generator .safetensors (default: the shipped one)")
+    p.add_argument("--n-source", type=int, default=48, help="matched pairs per source concept")
+    p.add_argument("--n-target", type=int, default=32, help="matched pairs per target concept")
+    p.add_argument("--n-benign", type=int, default=24, help="benign prompts per benign concept")
+    p.add_argument("--n-calib", type=int, default=50, help="benign generations per concept for tau")
+    p.add_argument("--n-check", type=int, default=16, help="held-out generations per concept for the rates")
+    p.add_argument("--capture-steps", type=int, default=4)
+    p.add_argument("-R", type=int, default=3)
+    p.add_argument("--adapt-epochs", type=float, default=AdaptConfig.epochs)
+    p.add_argument("--pull", type=float, default=AdaptConfig.pull)
+    p.set_defaults(func=_build_pack)
+
+    p = sub.add_parser("steer-check", help="judge unsafe/benign generations of the bundled model with a pack")
+    p.add_argument("pack")
+    p.add_argument("--n", type=int, default=8, help="held-out prompts per concept")
+    p.add_argument("--modes", default="off,blend,repel,both")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", dest="json_out", default=None)
+    p.set_defaults(func=_steer_check)
+
+
+def _feature_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-harmful", type=int, default=FeatureConfig.n_harmful)
+    p.add_argument("--n-anchor", type=int, default=FeatureConfig.n_anchor)
+    p.add_argument("--min-smd", type=float, default=FeatureConfig.min_smd)
+    p.add_argument("--fire-rate", type=float, default=FeatureConfig.fire_rate,
+                   help="max share of benign generations whose gate opens anywhere")
+
+
+def _setup(args) -> dist.DistInfo:
+    torch.set_num_threads(args.threads)
+    return dist.init_from_env()
+
+
+def _make_generator(args):
+    from .generators import BundledGenerator, DiffusersGenerator, PromptEmbeddings, load_pipeline
+
+    if args.backend == "bundled":
+        return BundledGenerator(weights=args.weights, steps=args.steps or 20,
+                                guidance=3.0 if args.guidance is None else args.guidance)
+    if not args.model_dir:
+        raise SafeDIGError("--backend diffusers needs --model-dir", "pass a local pipeline folder")
+    pipe = load_pipeline(args.model_dir, getattr(torch, args.dtype), args.device)
+    emb = PromptEmbeddings.load(args.prompt_embeds) if args.prompt_embeds else None
+    spec = {"model_dir": str(Path(args.model_dir).resolve()),
+            **({"prompt_embeds": str(Path(args.prompt_embeds).resolve())} if args.prompt_embeds else {})}
+    return DiffusersGenerator(pipe, args.steps or 28, 3.5 if args.guidance is None else args.guidance,
+                              args.height, args.width, emb, spec)
+
+
+def _collect(args) -> int:
+    info = _setup(args)
+    t0 = time.time()
+    generator = _make_generator(args)
+    prompts = parse_prompts(args.prompts or f"world:{args.set}:48", Path(args.run), args.seed)
+    collect(generator, prompts, Path(args.run) / "collect" / args.set,
+            capture_steps=evenly_spaced_steps(generator.steps, args.capture_steps),
+            positions=args.positions.split(",") if args.positions else None, shard_size=args.shard_size,
+            batch_size=args.batch_size, max_tokens=args.max_tokens or None, rank=info.rank,
+            world_size=info.world_size, progress=not args.no_progress)
+    dist.barrier()
+    if info.is_main:
+        print(f"collected {len(prompts)} prompts of '{args.set}' in {time.time() - t0:.0f}s")
+    return 0
+
+
+def _route(args) -> int:
+    _setup(args)
+    table = run_route(Path(args.run), args.set, args.R, args.plot)
+    print(format_routing(table))
+    return 0
+
+
+def format_routing(table: list[dict], top: int | None = None) -> str:
+    cols = ["position", "separability", "loso", "transfer", "timestep_cv", "score", "note"]
+    rows = [[str(c[k]) for k in cols] for c in table[:top]]
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in [cols, *rows])
+
+
+def _train(args) -> int:
+    info = _setup(args)
+    cfg = SAEConfig(expansion=args.expansion, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
+                    lr=args.lr, seed=args.seed)
+    metrics = run_train(Path(args.run), args.sets.split(","), cfg, progress=not args.no_progress)
+    if info.is_main:
+        for pos, m in metrics.items():
+            print(f"{pos}: FVE {m['fve']:.3f}  dead {m['dead_fraction']:.3f}  L0 {m['l0']:.1f}")
+    return 0
+
+
+def _feature_cfg(args) -> FeatureConfig:
+    return FeatureConfig(n_harmful=args.n_harmful, n_anchor=args.n_anchor, min_smd=args.min_smd,
+                         fire_rate=args.fire_rate)
+
+
+def _features(args) -> int:
+    _setup(args)
+    run = Path(args.run)
+    specs = args.calib or ["benign=world:benign:50", "benign_heldout=world:benign:16:heldout"]
+    calib = {}
+    for item in specs:
+        name, _, spec = item.partition("=")
+        if not spec:
+            raise SafeDIGError(f"--calib {item!r} has no prompt spec", "write NAME=SPEC, e.g. benign=set:benign")
+        calib[name] = parse_prompts(spec, run, args.seed + 1 + len(calib))
+    entry = run_features(run, args.domain, args.set, calib, _feature_cfg(args), progress=not args.no_progress)
+    print(json.dumps(entry["calibration"], indent=1))
+    return 0
+
+
+def _adapt(args) -> int:
+    _setup(args)
+    entry = run_adapt(Path(args.run), args.domain, args.set,
+                      AdaptConfig(epochs=args.epochs, lr=args.lr, pull=args.pull, seed=args.seed),
+                      progress=not args.no_progress)
+    for pos, m in entry["adapt"].items():
+        print(f"{pos}: target FVE {m['fve_target_source_decoder']:.3f} (source decoder) -> "
+              f"{m['fve_target_adapted']:.3f} (adapted)")
+    return 0
+
+
+def _export(args) -> int:
+    from .report import format_pack
+
+    _setup(args)
+    from .pack import load_pack
+
+    path = run_export(Path(args.run), args.out)
+    print(format_pack(load_pack(path)))
+    return 0
+
+
+def _build_pack(args) -> int:
+    from .generators import BundledGenerator
+    from .pack import load_pack
+    from .report import format_pack
+
+    info = _setup(args)
+    t0 = time.time()
+    run, seed = Path(args.run), args.seed
+    generator = BundledGenerator(weights=args.weights, steps=20, guidance=3.0)
+    capture = evenly_spaced_steps(generator.steps, args.capture_steps)
+    for name, n in (("source", args.n_source), ("target", args.n_target), ("benign", args.n_benign)):
+        collect(generator, world_prompts(name, n, seed), run / "collect" / name, capture_steps=capture,
+                shard_size=64, batch_size=64, rank=info.rank, world_size=info.world_size,
+                progress=not args.no_progress)
+    dist.barrier()
+    if info.is_main:
+        print(format_routing(run_route(run, "source", args.R, args.plot)))
+    dist.barrier()
+    sae_cfg = SAEConfig(expansion=args.expansion, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, seed=seed)
+    run_train(run, ["source", "benign"], sae_cfg, progress=not args.no_progress)
+    if not info.is_main:
+        return 0
+    calib = {
+        "benign": world_prompts("benign", args.n_calib, seed + 1),
+        "benign_heldout": world_prompts("benign", args.n_check, seed + 2, "heldout"),
+        "unsafe_source_heldout": [r for r in world_prompts("source", args.n_check, seed + 3, "heldout") if r.label],
+        "unsafe_target_heldout": [r for r in world_prompts("target", args.n_check, seed + 4, "heldout") if r.label],
+    }
+    run_features(run, "hazard", "source", calib, _feature_cfg(args), generator, progress=not args.no_progress)
+    run_adapt(run, "toxic", "target", AdaptConfig(epochs=args.adapt_epochs, pull=args.pull, seed=seed),
+              progress=not args.no_progress)
+    wall = time.time() - t0
+    path = run_export(run, args.out, {"build_pack_wall_seconds": round(wall, 1), "threads": args.threads,
+                                      "seed": seed, "processes": info.world_size})
+    print(format_pack(load_pack(path)))
+    print(f"\nbuild-pack finished in {wall / 60:.1f} min -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _steer_check(args) -> int:
+    from .steer_check import steer_check
+
+    torch.set_num_threads(args.threads)
+    result = steer_check(args.pack, n_per_concept=args.n, modes=args.modes.split(","), strength=args.strength,
+                         seed=args.seed)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,113 @@
+"""The whole pipeline through the CLI on a tiny random-weight FluxPipeline loaded from a folder:
+collect -> route -> train -> features -> adapt -> export, then the pack round-trips and steers."""
+
+import json
+
+import pytest
+import torch
+from planted import tiny_embeddings, tiny_pipeline
+from safetensors.torch import load_file
+
+from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack
+from safedig_core.cli import main
+from safedig_core.collect import world_prompts
+from safedig_core.pack import decoder_key, encoder_key
+
+from tiny_models import flux_inputs
+
+SETS = {"source": world_prompts("source", 8, seed=0), "target": world_prompts("target", 8, seed=0),
+        "benign": world_prompts("benign", 6, seed=0)}
+CALIB = world_prompts("benign", 12, seed=5)
+
+
+def write_prompts(path, records):
+    path.write_text("\n".join(json.dumps({"text": r.text, "label": r.label, "pair": r.pair, "subdomain": r.subdomain,
+                                          "seed": r.seed}) for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    tiny_pipeline("flux", seed=2).save_pretrained(root / "pipe")
+    texts = [r.text for recs in [*SETS.values(), CALIB] for r in recs]
+    tiny_embeddings("flux", texts).save(root / "embeds.safetensors")
+    run = str(root / "run")
+    common = ["--run", run, "--threads", "1", "--no-progress"]
+    for name, records in SETS.items():
+        assert main(["collect", *common, "--set", name, "--prompts", write_prompts(root / f"{name}.jsonl", records),
+                     "--backend", "diffusers", "--model-dir", str(root / "pipe"), "--prompt-embeds",
+                     str(root / "embeds.safetensors"), "--steps", "4", "--capture-steps", "3", "--height", "64",
+                     "--width", "64", "--device", "cpu", "--shard-size", "16", "--batch-size", "16"]) == 0
+    assert main(["route", *common, "-R", "3"]) == 0
+    assert main(["train", *common, "--expansion", "4", "--k", "8", "--epochs", "3", "--batch-size", "256"]) == 0
+    assert main(["features", *common, "--domain", "hazard", "--calib",
+                 f"benign={write_prompts(root / 'calib.jsonl', CALIB)}", "--calib", "seen=set:benign",
+                 "--n-harmful", "8"]) == 0
+    assert main(["adapt", *common, "--domain", "toxic", "--epochs", "3"]) == 0
+    assert main(["export", *common, "--out", str(root / "pack.safetensors")]) == 0
+    return root
+
+
+def test_pack_round_trip_holds_every_stage_output(built):
+    run = built / "run"
+    pack = load_pack(built / "pack.safetensors")
+    routing = json.loads((run / "routing.json").read_text())
+    routed = [c["position"] for c in sorted(routing["candidates"], key=lambda c: c["rank"]) if c["selected"]]
+    assert sorted(pack.positions) == sorted(routed) and len(routed) == 3
+    assert len(pack.metadata["routing"]["candidates"]) == 10  # every candidate, with its criteria
+    assert all({"separability", "loso", "transfer", "timestep_cv", "score"} <= set(c)
+               for c in pack.metadata["routing"]["candidates"])
+    assert pack.source_domain == "hazard" and pack.domains == ["hazard", "toxic"]
+    assert pack.metadata["domains"]["toxic"]["adapted_from"] == "hazard"
+    for pos in routed:
+        sae = load_file(str(run / "sae" / pos / "sae.safetensors"))
+        adapted = load_file(str(run / "adapt" / "toxic" / pos / "decoder.safetensors"))
+        t = pack.tensors
+        assert torch.equal(t[encoder_key(pos, "W_enc")], sae["encoder.W_enc"])
+        assert torch.equal(t[encoder_key(pos, "b_pre")], sae["encoder.b_pre"])
+        assert torch.equal(t[decoder_key("hazard", pos, "W_dec")], sae["decoder.W_dec"])
+        assert torch.equal(t[decoder_key("toxic", pos, "W_dec")], adapted["W_dec"])
+        assert not torch.equal(t[decoder_key("toxic", pos, "W_dec")], sae["decoder.W_dec"])
+        info = pack.position_info(pos)
+        assert set(info.metrics) >= {"fve", "dead_fraction", "l0", "fve_toxic"} and info.scale == float(sae["scale"])
+        for domain in pack.domains:
+            f = pack.domain_features(domain, pos)
+            assert min(f.harmful_weights) >= 0 and abs(sum(f.harmful_weights) - 1) < 1e-4
+    rates = pack.metadata["domains"]["hazard"]["calibration"]["fire_rate_hard_gate"]
+    assert rates["benign"] <= 0.01 and "seen" in rates
+    prov = pack.metadata["provenance"]
+    assert prov["model"]["backend"] == "diffusers" and prov["prompts_per_set"] == {"benign": 30, "source": 48,
+                                                                                      "target": 32}
+
+
+def test_inspect_shows_fve_per_position(built, capsys):
+    assert main(["inspect", str(built / "pack.safetensors")]) == 0
+    out = capsys.readouterr().out
+    for pos in load_pack(built / "pack.safetensors").positions:
+        line = next(line for line in out.splitlines() if line.startswith(pos))
+        assert "fve=" in line and "l0=" in line and "dead_fraction=" in line
+
+
+def test_exported_pack_steers_the_model_it_was_trained_on(built):
+    pipe = tiny_pipeline("flux", seed=2)
+    pack = load_pack(built / "pack.safetensors")
+    kw = flux_inputs(batch=2, seed=4)[1]
+    with torch.no_grad():
+        base = pipe.transformer(**kw)[0]
+        scores = {}
+        with SteeringHooks(pipe, SteeringDictionary(pack, "toxic"), SteeringParams(mode="off"),
+                           on_scores=lambda p, s: scores.setdefault(p, s)):
+            same = pipe.transformer(**kw)[0]
+        with SteeringHooks(pipe, SteeringDictionary(pack, "toxic"), SteeringParams(mode="both", tau_override=-1.0)):
+            steered = pipe.transformer(**kw)[0]
+    assert torch.equal(base, same) and set(scores) == set(pack.positions)
+    assert not torch.allclose(base, steered)
+
+
+def test_rerunning_a_finished_stage_reuses_its_outputs(built, capsys):
+    before = (built / "run" / "sae").stat().st_mtime_ns
+    sae_files = {p: p.stat().st_mtime_ns for p in (built / "run" / "sae").rglob("sae.safetensors")}
+    assert main(["train", "--run", str(built / "run"), "--expansion", "4", "--k", "8", "--epochs", "3",
+                 "--batch-size", "256", "--threads", "1", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in sae_files} == sae_files and before
