@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .collect import ActivationSet, PromptRecord
@@ -32,7 +33,7 @@ from .sae import TopKSAE
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    n_harmful: int = 16
+    n_harmful: int = 32
     n_anchor: int = 8
     min_smd: float = 0.5
     fire_rate: float = 0.01
@@ -94,46 +95,68 @@ def smd(unsafe: ClassStats, safe: ClassStats) -> Tensor:
     return (mu_u - mu_s) / ((var_u + var_s) / 2).sqrt().clamp_min(1e-6)
 
 
-def select_features(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> dict:
-    """Harmful ids + weights and safe anchor ids + values (see module doc)."""
+def choose_harmful(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> list[int]:
+    """H: the top n_harmful latents by SMD among those with SMD > min_smd (at least the best one)."""
     s = smd(unsafe, safe)
     order = s.argsort(descending=True)
-    harmful = [int(j) for j in order[: cfg.n_harmful] if s[j] > cfg.min_smd] or [int(order[0])]
-    anchors = [int(j) for j in order.flip(0)[: cfg.n_anchor] if s[j] < -cfg.min_smd]
-    out = domain_features(unsafe, safe, harmful, anchors)
-    out["harmful_ids"] = harmful
-    return out
+    return [int(j) for j in order[: cfg.n_harmful] if s[j] > cfg.min_smd] or [int(order[0])]
 
 
-def domain_features(unsafe: ClassStats, safe: ClassStats, harmful: list[int], anchors: list[int] | None = None,
-                    cfg: FeatureConfig | None = None) -> dict:
-    """Weights of a fixed H, and a safe anchor (re-chosen from these pairs when `anchors` is None)."""
+def choose_anchor(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> tuple[list[int], list[float]]:
+    """Safe anchor: the latents that rise most on the safe side, at their mean activation where they fire."""
     s = smd(unsafe, safe)
-    if anchors is None:
-        cfg = cfg or FeatureConfig()
-        anchors = [int(j) for j in s.argsort()[: cfg.n_anchor] if s[j] < -cfg.min_smd]
-    w = s[harmful].clamp_min(0)
-    w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(harmful))  # no signal: plain mean of H
-    return {"harmful_weights": [round(float(v), 6) for v in w],
-            "harmful_smd": [round(float(v), 4) for v in s[harmful]],
-            "safe_anchor_ids": anchors,
-            "safe_anchor_values": [round(float(v), 6) for v in safe.active_mean()[anchors]]}
+    ids = [int(j) for j in s.argsort()[: cfg.n_anchor] if s[j] < -cfg.min_smd]
+    return ids, [round(float(v), 6) for v in safe.active_mean()[ids]]
 
 
 @torch.no_grad()
-def row_scores(sae: TopKSAE, aset: ActivationSet, position: str, harmful: list[int], weights: Sequence[float]):
-    """(max over tokens of g per row, label per row) for the paired rows of a collection."""
-    w = torch.tensor(weights, dtype=torch.float32)
-    scores, labels = [], []
+def harmful_rows(sae: TopKSAE, aset: ActivationSet, position: str, harmful: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of a collection: max over its tokens of each harmful latent [rows, |H|], label, is-paired."""
+    xs, labels, paired = [], [], []
     for shard in aset.shards:
         t = aset.read(shard, [f"act.{position}", "row.prompt"])
         recs = [aset.prompts[i] for i in t["row.prompt"].tolist()]
-        keep = torch.tensor([r.pair >= 0 for r in recs])
-        if keep.any():
-            z = _encode_rows(sae, t[f"act.{position}"][keep])
-            scores.append((z[..., harmful] @ w).amax(1))
-            labels.append(torch.tensor([r.label for r, k in zip(recs, keep.tolist(), strict=True) if k]))
-    return torch.cat(scores), torch.cat(labels)
+        xs.append(_encode_rows(sae, t[f"act.{position}"])[..., harmful].amax(1))
+        labels += [r.label for r in recs]
+        paired += [r.pair >= 0 for r in recs]
+    return torch.cat(xs), torch.tensor(labels), torch.tensor(paired)
+
+
+def fit_weights(x_pos: Tensor, x_neg: Tensor, steps: int = 400, l2: float = 1e-3) -> Tensor:
+    """Non-negative weights (summing to 1) of a class-balanced logistic regression unsafe vs not, on
+    per-row harmful activations. Deterministic (full batch, fixed start); softplus keeps w > 0."""
+    x = torch.cat([x_pos, x_neg]).float()
+    y = torch.cat([torch.ones(len(x_pos)), torch.zeros(len(x_neg))])
+    sd = x.std(0).clamp_min(1e-3)
+    v, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([v, b], lr=0.05)
+    balance = torch.tensor(len(x_neg) / max(1, len(x_pos)))
+    with torch.enable_grad():
+        for _ in range(steps):
+            w = F.softplus(v)
+            loss = F.binary_cross_entropy_with_logits(x / sd @ w + b, y, pos_weight=balance) + l2 * w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    w = F.softplus(v.detach()) / sd
+    return w / w.sum()
+
+
+def domain_features(sae: TopKSAE, pairs: ActivationSet, negatives: Sequence[ActivationSet], position: str,
+                    harmful: list[int] | None, cfg: FeatureConfig) -> tuple[dict, Tensor, Tensor]:
+    """One domain's features at one position: H (chosen here when `harmful` is None, else kept), its
+    weights (fit on the unsafe rows vs the safe rows of the pairs and every row of `negatives`) and the safe
+    anchor. Returns (features, g per paired row, label per paired row)."""
+    unsafe, safe = pair_statistics(sae, pairs, position)
+    harmful = harmful if harmful is not None else choose_harmful(unsafe, safe, cfg)
+    x, label, paired = harmful_rows(sae, pairs, position, harmful)
+    negs = [x[paired & (label == 0)]] + [harmful_rows(sae, n, position, harmful)[0] for n in negatives]
+    weights = fit_weights(x[paired & (label == 1)], torch.cat(negs))
+    anchor_ids, anchor_values = choose_anchor(unsafe, safe, cfg)
+    feats = {"harmful_ids": harmful, "harmful_weights": [round(float(v), 6) for v in weights],
+             "harmful_smd": [round(float(v), 4) for v in smd(unsafe, safe)[harmful]],
+             "safe_anchor_ids": anchor_ids, "safe_anchor_values": anchor_values}
+    return feats, x[paired] @ weights, label[paired]
 
 
 def detection_auroc(scores: Tensor, labels: Tensor) -> float:
@@ -156,8 +179,8 @@ def record_harmful(generator: Generator, prompts: Sequence[PromptRecord], saes: 
 
     def on_activation(position: str, x) -> None:
         x = x[generator.cond_rows(x.shape[0])].float()
-        z = saes[position].encode(x.reshape(-1, x.shape[-1])).view(*x.shape[:2], -1)
-        current[position].append(z[..., harmful[position]].half())
+        z_h = harmful_activations(saes[position], x.reshape(-1, x.shape[-1]), harmful[position])
+        current[position].append(z_h.view(*x.shape[:2], -1).half())
 
     bar = tqdm(total=len(prompts), desc=desc, unit="gen", disable=not progress, dynamic_ncols=True)
     with ActivationCapture(generator.model, list(saes), on_activation=on_activation):
@@ -171,6 +194,15 @@ def record_harmful(generator: Generator, prompts: Sequence[PromptRecord], saes: 
             bar.update(len(batch))
     bar.close()
     return {p: torch.cat(v) for p, v in out.items()}
+
+
+def harmful_activations(sae: TopKSAE, x: Tensor, harmful: list[int]) -> Tensor:
+    """z_H of TopK(ReLU(pre)) without building the dense code: a harmful latent keeps its value where it
+    reaches the k-th largest pre-activation of its token."""
+    pre = sae.encoder.preactivations(x / sae.scale)
+    kth = pre.topk(sae.encoder.k, dim=-1).values[:, -1:]
+    pre_h = pre[:, harmful]
+    return torch.where(pre_h >= kth, pre_h.relu(), torch.zeros_like(pre_h))
 
 
 def generation_maxima(zh: Tensor, weights: Sequence[float]) -> Tensor:

@@ -37,10 +37,7 @@ from .features import (
     domain_features,
     firing_rate,
     generation_maxima,
-    pair_statistics,
     record_harmful,
-    row_scores,
-    select_features,
 )
 from .generators import Generator, make_generator
 from .pack import (
@@ -158,47 +155,55 @@ def _calibration_cache(run: Path, name: str, generator: Generator | None, prompt
     return zh
 
 
-def _domain_entry(run: Path, domain: str, set_name: str, saes: dict, harmful: dict[str, list[int]],
-                  per_position: dict[str, dict], checks: dict[str, dict[str, torch.Tensor]],
-                  benign: str, cfg: FeatureConfig) -> dict:
-    """Fill in tau and firing rates for one domain's weights; returns the features JSON."""
-    weights = {p: per_position[p]["harmful_weights"] for p in saes}
-    maxima = {name: {p: generation_maxima(zh[p], weights[p]) for p in saes} for name, zh in checks.items()}
+def _domain_entry(domain: str, set_name: str, features: dict[str, tuple[dict, torch.Tensor, torch.Tensor]],
+                  checks: dict[str, dict[str, torch.Tensor]], benign: str, negatives: Sequence[str],
+                  cfg: FeatureConfig) -> dict:
+    """tau and firing rates for one domain's weights; returns the features JSON."""
+    per_position = {p: dict(f) for p, (f, _, _) in features.items()}
+    maxima = {name: {p: generation_maxima(zh[p], per_position[p]["harmful_weights"]) for p in per_position}
+              for name, zh in checks.items()}
     taus, _ = calibrate_tau(maxima[benign], cfg.fire_rate)
-    aset = open_set(run, set_name)
-    for p, sae in saes.items():
-        scores, labels = row_scores(sae, aset, p, harmful[p], weights[p])
+    for p, (_, scores, labels) in features.items():
+        above = scores > taus[p]
         per_position[p].update(tau=round(taus[p], 6), detection_auroc=round(detection_auroc(scores, labels), 4),
-                               unsafe_rows_above_tau=round(float((scores[labels == 1] > taus[p]).double().mean()), 4),
-                               safe_rows_above_tau=round(float((scores[labels == 0] > taus[p]).double().mean()), 4))
+                               unsafe_rows_above_tau=round(float(above[labels == 1].double().mean()), 4),
+                               safe_rows_above_tau=round(float(above[labels == 0].double().mean()), 4))
     rates = {name: round(firing_rate(m, taus), 4) for name, m in maxima.items()}
-    return {"domain": domain, "set": set_name, "positions": per_position, "config": asdict(cfg),
+    return {"domain": domain, "set": set_name, "negatives": list(negatives), "positions": per_position,
+            "config": asdict(cfg), "checks": list(checks),
             "calibration": {"fit_on": benign, "generations": {n: int(next(iter(z.values())).shape[0])
                                                                for n, z in checks.items()},
                             "fire_rate_hard_gate": rates}}
 
 
 def run_features(run: Path, domain: str, set_name: str, calib: dict[str, Sequence[PromptRecord]],
-                 cfg: FeatureConfig, generator: Generator | None = None, progress: bool = True) -> dict:
+                 cfg: FeatureConfig, generator: Generator | None = None, negatives: Sequence[str] | None = None,
+                 progress: bool = True) -> dict:
     """Source-domain features + tau. `calib` maps check names to prompt lists; the first is the benign
-    set tau is fitted on, the others (held-out benign, unsafe prompts) are only measured."""
+    set tau is fitted on, the others (held-out benign, unsafe prompts) are only measured. `negatives`:
+    collected sets whose rows count as not-unsafe when fitting weights (default: "benign" if collected)."""
     t0 = time.time()
+    run = Path(run)
     saes = _saes(run)
     aset = open_set(run, set_name)
-    per_position, harmful = {}, {}
-    for p, sae in saes.items():
-        per_position[p] = select_features(*pair_statistics(sae, aset, p), cfg)
-        harmful[p] = per_position[p]["harmful_ids"]
+    negatives = _default_negatives(run, set_name) if negatives is None else list(negatives)
+    neg_sets = [open_set(run, n) for n in negatives]
+    features = {p: domain_features(sae, aset, neg_sets, p, None, cfg) for p, sae in saes.items()}
+    harmful = {p: f[0]["harmful_ids"] for p, f in features.items()}
     if generator is None and any(not _cache_ok(run, n) for n in calib):
         generator = make_generator(aset.manifest["generator"])
     checks = {n: _calibration_cache(run, n, generator, prompts, saes, harmful, progress)
               for n, prompts in calib.items()}
-    entry = _domain_entry(run, domain, set_name, saes, harmful, per_position, checks, next(iter(calib)), cfg)
-    entry.update(role=ROLE_SOURCE, checks=list(calib))
+    entry = _domain_entry(domain, set_name, features, checks, next(iter(calib)), negatives, cfg)
+    entry.update(role=ROLE_SOURCE)
     if dist.current().is_main:
-        _write_json(Path(run) / "features" / f"{domain}.json", entry)
+        _write_json(run / "features" / f"{domain}.json", entry)
     _log_time(run, "features", time.time() - t0)
     return entry
+
+
+def _default_negatives(run: Path, pairs: str) -> list[str]:
+    return ["benign"] if pairs != "benign" and (run / "collect" / "benign" / "manifest.json").exists() else []
 
 
 def _cache_ok(run: Path, name: str) -> bool:
@@ -210,23 +215,23 @@ def run_adapt(run: Path, domain: str, set_name: str, cfg: AdaptConfig, adapted_f
     """Target-domain decoders (encoder and H frozen), re-estimated weights/anchor on the target pairs,
     and tau from the cached benign generations of the source `features` stage."""
     t0 = time.time()
+    run = Path(run)
     source = adapted_from or _source_domain(run)
-    src = _read_json(Path(run) / "features" / f"{source}.json", "features")
+    src = _read_json(run / "features" / f"{source}.json", "features")
     cfg_f = feature_cfg or FeatureConfig(**src["config"])
     saes = _saes(run)
     aset = open_set(run, set_name)
-    per_position, harmful, adapt_metrics = {}, {}, {}
+    neg_sets = [open_set(run, n) for n in src["negatives"]]
+    features, adapt_metrics = {}, {}
     for p, sae in saes.items():
-        harmful[p] = src["positions"][p]["harmful_ids"]
-        per_position[p] = domain_features(*pair_statistics(sae, aset, p), harmful[p], cfg=cfg_f)
-        per_position[p]["harmful_ids"] = harmful[p]
-        _, adapt_metrics[p] = adapt_decoder(sae, [aset], p, cfg, Path(run) / "adapt" / domain / p, progress=progress)
+        features[p] = domain_features(sae, aset, neg_sets, p, src["positions"][p]["harmful_ids"], cfg_f)
+        _, adapt_metrics[p] = adapt_decoder(sae, [aset], p, cfg, run / "adapt" / domain / p, progress=progress)
     checks = {n: _load_cache(run, n, saes) for n in src["checks"]}
-    entry = _domain_entry(run, domain, set_name, saes, harmful, per_position, checks, src["checks"][0], cfg_f)
-    entry.update(role=ROLE_TARGET, adapted_from=source, checks=src["checks"],
+    entry = _domain_entry(domain, set_name, features, checks, src["checks"][0], src["negatives"], cfg_f)
+    entry.update(role=ROLE_TARGET, adapted_from=source,
                  adapt={p: {k: v for k, v in m.items() if k != "config_hash"} for p, m in adapt_metrics.items()})
     if dist.current().is_main:
-        _write_json(Path(run) / "features" / f"{domain}.json", entry)
+        _write_json(run / "features" / f"{domain}.json", entry)
     _log_time(run, "adapt", time.time() - t0)
     return entry
 

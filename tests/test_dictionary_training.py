@@ -8,7 +8,7 @@ from planted import paired_prompts, write_set
 
 from safedig_core.collect import ActivationSet
 from safedig_core.dictionary_training import AdaptConfig, SAEConfig, adapt_decoder, evaluate_sae, load_sae, train_sae
-from safedig_core.features import FeatureConfig, calibrate_tau, firing_rate, pair_statistics, select_features
+from safedig_core.features import FeatureConfig, calibrate_tau, domain_features, firing_rate
 
 D, ATOMS, POS = 16, 40, "double.0.img.mlp"
 HARMFUL_ATOM, SAFE_ATOM = 0, 1
@@ -136,8 +136,8 @@ def test_stronger_pull_stays_closer_to_the_source_decoder(source_sae, sets, tmp_
 
 def test_harmful_features_and_safe_anchor_find_the_planted_concepts(source_sae, sets):
     sae, _ = source_sae
-    unsafe, safe = pair_statistics(sae, sets[0], POS)
-    feats = select_features(unsafe, safe, FeatureConfig(n_harmful=4, n_anchor=4))
+    feats, scores, labels = domain_features(sae, sets[0], [], POS, None, FeatureConfig(n_harmful=4, n_anchor=4))
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
     w = torch.tensor(feats["harmful_weights"])
     assert (w >= 0).all() and w.sum() == pytest.approx(1.0, abs=1e-5)
     W = sae.decoder.W_dec.detach()
@@ -174,3 +174,25 @@ def test_sae_file_round_trip(source_sae, tmp_path):
     back = load_sae(tmp_path / "s.safetensors")
     x = torch.randn(5, D)
     assert back.encoder.k == sae.encoder.k and torch.equal(back(x)[0], sae(x)[0])
+
+
+def test_harmful_activations_equal_the_full_encoding(source_sae):
+    from safedig_core.features import harmful_activations
+
+    sae, _ = source_sae
+    x = torch.randn(200, D) * 3
+    ids = [3, 7, 11, 20]
+    torch.testing.assert_close(harmful_activations(sae, x, ids), sae.encode(x)[:, ids], rtol=0, atol=0)
+
+
+def test_weights_are_non_negative_and_favour_the_informative_latent():
+    from safedig_core.features import fit_weights
+
+    g = torch.Generator().manual_seed(0)
+    neg = torch.rand(300, 3, generator=g)
+    pos = torch.rand(100, 3, generator=g)
+    pos[:, 0] += 1.0  # informative
+    pos[:, 2] -= 0.5  # anti-informative: must get (almost) no weight, never a negative one
+    w = fit_weights(pos, neg)
+    assert (w > 0).all() and float(w.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert w[0] > 0.8 and w[2] < 0.05
