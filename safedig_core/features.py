@@ -111,30 +111,39 @@ def choose_anchor(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> t
 
 @torch.no_grad()
 def harmful_rows(sae: TopKSAE, aset: ActivationSet, position: str, harmful: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row of a collection: max over its tokens of each harmful latent [rows, |H|], label, is-paired."""
-    xs, labels, paired = [], [], []
+    """Per row of a collection: z_H of every token [rows, tokens, |H|] (float16), label, is-paired."""
+    zs, labels, paired = [], [], []
     for shard in aset.shards:
         t = aset.read(shard, [f"act.{position}", "row.prompt"])
         recs = [aset.prompts[i] for i in t["row.prompt"].tolist()]
-        xs.append(_encode_rows(sae, t[f"act.{position}"])[..., harmful].amax(1))
+        x = t[f"act.{position}"]
+        zs.append(harmful_activations(sae, x.reshape(-1, x.shape[-1]).float(), harmful).view(*x.shape[:2], -1).half())
         labels += [r.label for r in recs]
         paired += [r.pair >= 0 for r in recs]
-    return torch.cat(xs), torch.tensor(labels), torch.tensor(paired)
+    return torch.cat(zs), torch.tensor(labels), torch.tensor(paired)
 
 
-def fit_weights(x_pos: Tensor, x_neg: Tensor, steps: int = 400, l2: float = 1e-3) -> Tensor:
-    """Non-negative weights (summing to 1) of a class-balanced logistic regression unsafe vs not, on
-    per-row harmful activations. Deterministic (full batch, fixed start); softplus keeps w > 0."""
-    x = torch.cat([x_pos, x_neg]).float()
-    y = torch.cat([torch.ones(len(x_pos)), torch.zeros(len(x_neg))])
-    sd = x.std(0).clamp_min(1e-3)
-    v, b = torch.zeros(x.shape[1], requires_grad=True), torch.zeros(1, requires_grad=True)
+def gate_scores(z_h: Tensor, weights: Tensor) -> Tensor:
+    """What the gate sees: max over a row's tokens of g = z_H . w."""
+    return torch.cat([(chunk.float() @ weights).amax(1) for chunk in z_h.split(256)])
+
+
+def fit_weights(z_pos: Tensor, z_neg: Tensor, steps: int = 300, l2: float = 1e-3) -> Tensor:
+    """Non-negative weights (summing to 1) for the gate score max_t z_H(t) . w: a class-balanced logistic
+    regression of unsafe rows against safe rows on that score (multiple-instance: a row is unsafe if some
+    token is). Deterministic (full batch, fixed start); softplus keeps every weight positive."""
+    z = torch.cat([z_pos, z_neg]).float()
+    y = torch.cat([torch.ones(len(z_pos)), torch.zeros(len(z_neg))])
+    sd = z.reshape(-1, z.shape[-1]).std(0).clamp_min(1e-3)
+    z = z / sd
+    v, b = torch.zeros(z.shape[-1], requires_grad=True), torch.zeros(1, requires_grad=True)
     opt = torch.optim.Adam([v, b], lr=0.05)
-    balance = torch.tensor(len(x_neg) / max(1, len(x_pos)))
+    balance = torch.tensor(len(z_neg) / max(1, len(z_pos)))
     with torch.enable_grad():
         for _ in range(steps):
             w = F.softplus(v)
-            loss = F.binary_cross_entropy_with_logits(x / sd @ w + b, y, pos_weight=balance) + l2 * w.pow(2).sum()
+            score = (z @ w).amax(1)
+            loss = F.binary_cross_entropy_with_logits(score + b, y, pos_weight=balance) + l2 * w.pow(2).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -146,17 +155,17 @@ def domain_features(sae: TopKSAE, pairs: ActivationSet, negatives: Sequence[Acti
                     harmful: list[int] | None, cfg: FeatureConfig) -> tuple[dict, Tensor, Tensor]:
     """One domain's features at one position: H (chosen here when `harmful` is None, else kept), its
     weights (fit on the unsafe rows vs the safe rows of the pairs and every row of `negatives`) and the safe
-    anchor. Returns (features, g per paired row, label per paired row)."""
+    anchor. Returns (features, gate score per paired row, label per paired row)."""
     unsafe, safe = pair_statistics(sae, pairs, position)
     harmful = harmful if harmful is not None else choose_harmful(unsafe, safe, cfg)
-    x, label, paired = harmful_rows(sae, pairs, position, harmful)
-    negs = [x[paired & (label == 0)]] + [harmful_rows(sae, n, position, harmful)[0] for n in negatives]
-    weights = fit_weights(x[paired & (label == 1)], torch.cat(negs))
+    z, label, paired = harmful_rows(sae, pairs, position, harmful)
+    negs = [z[paired & (label == 0)]] + [harmful_rows(sae, n, position, harmful)[0] for n in negatives]
+    weights = fit_weights(z[paired & (label == 1)], torch.cat(negs))
     anchor_ids, anchor_values = choose_anchor(unsafe, safe, cfg)
     feats = {"harmful_ids": harmful, "harmful_weights": [round(float(v), 6) for v in weights],
              "harmful_smd": [round(float(v), 4) for v in smd(unsafe, safe)[harmful]],
              "safe_anchor_ids": anchor_ids, "safe_anchor_values": anchor_values}
-    return feats, x[paired] @ weights, label[paired]
+    return feats, gate_scores(z[paired], weights), label[paired]
 
 
 def detection_auroc(scores: Tensor, labels: Tensor) -> float:

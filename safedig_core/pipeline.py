@@ -93,7 +93,7 @@ def _log_time(run: Path, stage: str, seconds: float) -> None:
     if dist.current().is_main:
         path = Path(run) / "timings.json"
         times = json.loads(path.read_text()) if path.exists() else {}
-        times[stage] = round(times.get(stage, 0.0) + seconds, 1)
+        times[stage] = round(seconds, 1)  # the latest run of the stage (a resumed stage counts from its restart)
         _write_json(path, times)
 
 

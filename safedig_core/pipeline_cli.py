@@ -153,6 +153,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", default=None, help="bundled generator .safetensors (default: the shipped one)")
+    p.add_argument("--judge", default=None, help="judge .safetensors (default: the shipped one)")
     p.add_argument("--json", dest="json_out", default=None)
     p.set_defaults(func=_steer_check)
 
@@ -310,11 +312,13 @@ def _build_pack(args) -> int:
 
 
 def _steer_check(args) -> int:
+    from .bundled import load_bundled
+    from .judge import Judge
     from .steer_check import steer_check
 
     torch.set_num_threads(args.threads)
     result = steer_check(args.pack, n_per_concept=args.n, modes=args.modes.split(","), strength=args.strength,
-                         seed=args.seed)
+                         seed=args.seed, model=load_bundled(args.weights), judge=Judge.load(args.judge))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     return 0

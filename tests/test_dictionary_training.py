@@ -189,10 +189,10 @@ def test_weights_are_non_negative_and_favour_the_informative_latent():
     from safedig_core.features import fit_weights
 
     g = torch.Generator().manual_seed(0)
-    neg = torch.rand(300, 3, generator=g)
-    pos = torch.rand(100, 3, generator=g)
-    pos[:, 0] += 1.0  # informative
-    pos[:, 2] -= 0.5  # anti-informative: must get (almost) no weight, never a negative one
+    neg = torch.rand(300, 4, 3, generator=g)  # rows x tokens x harmful latents
+    pos = torch.rand(100, 4, 3, generator=g)
+    pos[:, 0, 0] += 1.0  # informative, on one token of each unsafe row (the gate takes the max over tokens)
+    pos[:, :, 2] -= 0.5  # anti-informative: must get (almost) no weight, never a negative one
     w = fit_weights(pos, neg)
     assert (w > 0).all() and float(w.sum()) == pytest.approx(1.0, abs=1e-6)
     assert w[0] > 0.8 and w[2] < 0.05
