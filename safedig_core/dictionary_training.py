@@ -50,6 +50,7 @@ class SAEConfig:
     checkpoint_every: int = 100
     buffer_tokens: int = 2_000_000
     seed: int = 0
+    store_dtype: str = "float16"  # weights are rounded to it before evaluation: the pack stores them exactly
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,18 @@ class AdaptConfig:
     checkpoint_every: int = 100
     buffer_tokens: int = 2_000_000
     seed: int = 0
+    store_dtype: str = "float16"
+
+
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@torch.no_grad()
+def round_to_storage_(module: torch.nn.Module, dtype: str) -> None:
+    """Round parameters to values the storage dtype holds exactly (kept float32 for computing), so every
+    later stage (metrics, features, tau) sees bit for bit the weights the pack will contain."""
+    for p in module.parameters():
+        p.copy_(p.to(STORE_DTYPES[dtype]).float())
 
 
 def _hash(obj) -> str:
@@ -216,6 +229,7 @@ def train_sae(sets: Sequence[ActivationSet], position: str, cfg: SAEConfig, out_
                 checkpoint_every=cfg.checkpoint_every, progress=progress, on_step=on_step)
     with torch.no_grad():
         enc.b_pre.copy_(dec.b_dec)  # the encoder's own frozen centring
+    round_to_storage_(sae, cfg.store_dtype)
     metrics = evaluate_sae(sae, sets, position)
     metrics.update(config_hash=config_hash, steps=steps, train_tokens=n_tokens, config=asdict(cfg))
     if info.is_main:
@@ -296,6 +310,7 @@ def adapt_decoder(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, cf
     _train_loop(desc=f"adapt {position}", params=[dec.W_dec, dec.b_dec], W_dec=dec.W_dec, loss_fn=loss_fn,
                 stream=stream, steps=steps, lr=cfg.lr, ckpt=out / "ckpt.pt", config_hash=config_hash, state={},
                 modules={"decoder": dec}, checkpoint_every=cfg.checkpoint_every, progress=progress, on_step=on_step)
+    round_to_storage_(dec, cfg.store_dtype)
     after = evaluate_sae(sae, sets, position, decoder=dec)["fve"]
     metrics = {"fve_target_source_decoder": before, "fve_target_adapted": after, "steps": steps,
                "config_hash": config_hash, "config": asdict(cfg)}

@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -222,6 +222,8 @@ def run_adapt(run: Path, domain: str, set_name: str, cfg: AdaptConfig, adapted_f
     saes = _saes(run)
     aset = open_set(run, set_name)
     neg_sets = [open_set(run, n) for n in src["negatives"]]
+    store = json.loads((run / "sae" / next(iter(saes)) / "metrics.json").read_text())["config"]["store_dtype"]
+    cfg = replace(cfg, store_dtype=store)  # target decoders are stored like the source ones
     features, adapt_metrics = {}, {}
     for p, sae in saes.items():
         features[p] = domain_features(sae, aset, neg_sets, p, src["positions"][p]["harmful_ids"], cfg_f)
@@ -313,4 +315,13 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
                                                  "aux_k": sae_cfg["aux_k"] or first.d_model // 2},
             K_ROUTING: {k: v for k, v in routing.items()}, K_SOURCE_DOMAIN: source, K_DOMAINS: meta_domains,
             K_PROVENANCE: provenance}
-    return save_pack(out, meta, tensors)
+    return save_pack(out, meta, {k: _compact(v) for k, v in tensors.items()})
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """The smallest of float16 / bfloat16 / float32 that holds the tensor exactly (training rounded the
+    weights to its store_dtype, so this is that dtype)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        if torch.equal(t.to(dtype).float(), t.float()):
+            return t.to(dtype)
+    return t.float()

@@ -64,6 +64,8 @@ def _sae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=SAEConfig.epochs)
     p.add_argument("--batch-size", type=int, default=SAEConfig.batch_size)
     p.add_argument("--lr", type=float, default=SAEConfig.lr)
+    p.add_argument("--store-dtype", choices=("float16", "bfloat16", "float32"), default=SAEConfig.store_dtype,
+                   help="weights are rounded to this before evaluation and stored in it")
 
 
 def _generator_args(p: argparse.ArgumentParser) -> None:
@@ -221,7 +223,7 @@ def format_routing(table: list[dict], top: int | None = None) -> str:
 def _train(args) -> int:
     info = _setup(args)
     cfg = SAEConfig(expansion=args.expansion, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed)
+                    lr=args.lr, seed=args.seed, store_dtype=args.store_dtype)
     metrics = run_train(Path(args.run), args.sets.split(","), cfg, progress=not args.no_progress)
     if info.is_main:
         for pos, m in metrics.items():
@@ -290,7 +292,7 @@ def _build_pack(args) -> int:
         print(format_routing(run_route(run, "source", args.R, args.plot)))
     dist.barrier()
     sae_cfg = SAEConfig(expansion=args.expansion, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
-                        lr=args.lr, seed=seed)
+                        lr=args.lr, seed=seed, store_dtype=args.store_dtype)
     run_train(run, ["source", "benign"], sae_cfg, progress=not args.no_progress)
     if not info.is_main:
         return 0
