@@ -346,13 +346,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_command_server(base: Path, port: int | None = None, timeout: float = 300):
+def run_command_server(base: Path, port: int | None = None, timeout: float = 300, threads: int | None = 1):
     """`bash scripts/run.sh --port P --base-directory BASE` in its own process group; yields the URL and
-    always kills the group."""
+    always kills the group. threads: OMP_NUM_THREADS for ComfyUI (1 suits the bundled model, see headless.py)."""
     port = port or free_port()
     log = open(base / "run.log", "wb")  # noqa: SIM115
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh"), "--port", str(port), "--base-directory",
-                             str(base)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             str(base)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
