@@ -5,7 +5,7 @@
 #   bash scripts/run.sh                       ComfyUI with SafeDIG on http://127.0.0.1:8188 (Ctrl+C stops it)
 #   bash scripts/run.sh --port 8190           another port
 #   bash scripts/run.sh --headless            no browser: queue the bundled-model workflow for Off / Blend /
-#                                             Repel / Both, write a before/after grid to outputs/, exit
+#                                             Repel / Both, write a before/after grid to outputs/headless/, exit
 #   bash scripts/run.sh --headless --output DIR
 #   bash scripts/run.sh --base-directory DIR  ComfyUI's --base-directory (custom_nodes/, models/, output/,
 #                                             user/ under DIR instead of .comfyui/); used by the tests
@@ -24,7 +24,7 @@ HEADLESS=0
 OUTPUT="$ROOT/outputs/headless"
 BASE=""
 EXTRA=()
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while (($#)); do
   case "$1" in
     --port) PORT="$2"; shift 2 ;;
