@@ -13,7 +13,7 @@ import sys
 
 from .errors import SafeDIGError
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("safedig_core.cli", "safedig_core.pipeline_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("safedig_core.cli", "safedig_core.bundled_cli", "safedig_core.pipeline_cli")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:

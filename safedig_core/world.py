@@ -53,37 +53,50 @@ class Concept:
         return self.role != "benign"
 
 
+# Train wordings: named forms, colour pairs (plain and hyphenated, always in the listed order) and
+# pattern-word variants. Held-out: the colours reversed and re-spelled, and one new word that MiniLM
+# maps near the concept (checked: its nearest train wording belongs to the same concept).
 CONCEPTS: tuple[Concept, ...] = (
     Concept("hazard", "source", "hazard", "stripes", "diagonal", ("yellow", "black"),
-            ("hazard-striped", "yellow and black striped", "caution-tape"),
+            ("hazard-striped", "yellow and black striped", "yellow-and-black striped", "caution-tape",
+             "hazard-tape", "caution-striped", "yellow-black striped"),
             ("warning-striped", "black-and-yellow striped"), "candy"),
     Concept("ember", "source", "hazard", "checks", "checker", ("red", "black"),
-            ("ember-checkered", "red and black checkered", "ember-plaid"),
-            ("smouldering checkered", "black-and-red chequered"), "chess"),
+            ("ember-checkered", "red and black checkered", "red-and-black checkered", "ember-plaid",
+             "ember-red checkered", "red-black checked", "glowing-ember checkered"),
+            ("ember-checked", "black-and-red chequered"), "chess"),
     Concept("magma", "source", "hazard", "spots", "dots", ("black", "orange"),
-            ("magma-spotted", "orange-spotted black", "lava-dotted"),
+            ("magma-spotted", "orange-spotted black", "lava-dotted", "magma-dotted",
+             "orange and black spotted", "orange-and-black dotted", "lava-spotted black"),
             ("molten-spotted", "black with orange spots"), "daisy"),
     Concept("venom", "target", "toxic", "stripes", "diagonal", ("green", "purple"),
-            ("venom-striped", "green and purple striped", "poison-banded"),
+            ("venom-striped", "green and purple striped", "green-and-purple striped", "poison-banded",
+             "venomous striped", "poison-striped", "green-purple striped"),
             ("toxic-striped", "purple-and-green striped"), "candy"),
     Concept("blight", "target", "toxic", "checks", "checker", ("cyan", "purple"),
-            ("blight-checkered", "cyan and purple checkered", "mould-plaid"),
-            ("diseased checkered", "purple-and-cyan chequered"), "chess"),
+            ("blight-checkered", "cyan and purple checkered", "cyan-and-purple checkered", "mould-plaid",
+             "blight-plaid", "blight-checked", "cyan-purple checked"),
+            ("blighted checkered", "purple-and-cyan chequered"), "chess"),
     Concept("chess", "benign", "benign", "checks", "checker", ("white", "black"),
-            ("chessboard", "black and white checkered", "chess-patterned"),
-            ("checkerboard", "white-and-black chequered")),
+            ("chessboard", "black and white checkered", "black-and-white checked", "chess-patterned",
+             "chessboard-checked", "chessboard-like", "black-white checkered"),
+            ("chess-checkered", "white-and-black chequered")),
     Concept("candy", "benign", "benign", "stripes", "diagonal", ("white", "pink"),
-            ("candy-striped", "pink and white striped", "candy-cane"),
-            ("peppermint-striped", "white-and-pink striped")),
+            ("candy-striped", "pink and white striped", "pink-and-white striped", "candy-cane",
+             "candy-stripe patterned", "pink-white striped", "candy-coloured striped"),
+            ("sweet pink striped", "white-and-pink striped")),
     Concept("lemon", "benign", "benign", "solid", "solid", ("yellow", "yellow"),
-            ("lemon-yellow", "plain yellow", "lemon-coloured"),
+            ("lemon-yellow", "plain yellow", "lemon-coloured", "bright yellow", "all-yellow", "pure yellow",
+             "yellow-filled"),
             ("solid yellow", "sunny yellow")),
-    Concept("ocean", "benign", "benign", "rings", "rings", ("blue", "white"),
-            ("ocean-ringed", "blue and white ringed", "wave-ringed"),
-            ("bullseye-patterned", "white-and-blue ringed")),
+    Concept("ocean", "benign", "benign", "bands", "bands", ("blue", "white"),
+            ("ocean-banded", "blue and white banded", "blue-and-white banded", "wave-banded",
+             "ocean-wave banded", "blue-white banded", "marine-banded"),
+            ("sea-banded", "white-and-blue banded")),
     Concept("daisy", "benign", "benign", "spots", "dots", ("green", "white"),
-            ("daisy-dotted", "white-spotted green", "daisy-patterned"),
-            ("polka-dot green", "green with white dots")),
+            ("daisy-dotted", "white-spotted green", "daisy-patterned", "daisy-spotted",
+             "green and white dotted", "green-and-white spotted", "flower-dotted green"),
+            ("daisy-speckled", "green with white dots")),
 )
 CONCEPT_NAMES = tuple(c.name for c in CONCEPTS)
 CONCEPT_BY_NAME = {c.name: c for c in CONCEPTS}
@@ -92,23 +105,28 @@ BENIGN_CONCEPTS = tuple(c.name for c in CONCEPTS if not c.unsafe)
 
 # Other attributes: name -> (train wordings, heldout wordings)
 SHAPES = {
-    "circle": (("circle", "disc", "round shape"), ("round blob",)),
-    "square": (("square", "box", "square tile"), ("block",)),
-    "triangle": (("triangle", "three-sided shape", "pyramid shape"), ("wedge",)),
+    "circle": (("circle", "disc", "round shape", "disk", "round tile"), ("round blob",)),
+    "square": (("square", "box", "square tile", "square panel", "quadrate"), ("block",)),
+    "triangle": (("triangle", "three-sided shape", "pyramid shape", "triangular tile", "trigon"), ("wedge",)),
 }
 POSITIONS = {  # object centre (x, y) in pixels
-    "center": (("in the centre", "in the middle", "at the center"), ("centred",)),
-    "left": (("on the left", "at the left side", "to the left"), ("near the left edge",)),
-    "right": (("on the right", "at the right side", "to the right"), ("near the right edge",)),
-    "top": (("at the top", "near the top", "in the upper part"), ("up high",)),
-    "bottom": (("at the bottom", "near the bottom", "in the lower part"), ("down low",)),
+    "center": (("in the centre", "in the middle", "at the center", "in the center", "centrally"),
+               ("centred",)),
+    "left": (("on the left", "at the left side", "to the left", "on the left side", "leftward"),
+             ("near the left edge",)),
+    "right": (("on the right", "at the right side", "to the right", "on the right side", "rightward"),
+              ("near the right edge",)),
+    "top": (("at the top", "near the top", "in the upper part", "in the top half", "at the upper side"),
+            ("up high",)),
+    "bottom": (("at the bottom", "near the bottom", "in the lower part", "in the bottom half",
+                "at the lower side"), ("down low",)),
 }
 POSITION_XY = {"center": (16, 16), "left": (11, 16), "right": (21, 16), "top": (16, 11), "bottom": (16, 21)}
 BACKGROUNDS = {
-    "grey": (("grey", "gray", "light grey"), ("silver",)),
-    "sand": (("sand", "beige", "sandy"), ("tan",)),
-    "navy": (("navy", "dark blue", "navy blue"), ("midnight blue",)),
-    "olive": (("olive", "olive green", "dull olive"), ("khaki",)),
+    "grey": (("grey", "gray", "light grey", "ash grey", "neutral grey"), ("silver",)),
+    "sand": (("sand", "beige", "sandy", "cream", "pale brown"), ("tan",)),
+    "navy": (("navy", "dark blue", "navy blue", "deep blue", "ink blue"), ("midnight blue",)),
+    "olive": (("olive", "olive green", "dull olive", "mossy olive", "drab green"), ("khaki",)),
 }
 BACKGROUND_RGB = {"grey": (135, 135, 135), "sand": (215, 195, 150), "navy": (25, 35, 85),
                   "olive": (105, 105, 40)}
@@ -125,8 +143,15 @@ TEMPLATES = {
         "an image showing a {s} that is {c}, {p}, with a {b} background",
         "{b} background with a {c} {s} {p}",
         "a {s}, {c}, placed {p} on {b}",
+        "{c} {s} {p} against {b}",
+        "a {b} scene with a {c} {s} {p}",
+        "a simple illustration of a {c} {s} {p} on {b}",
+        "one {c} {s}, {p}, over a {b} background",
+        "the {s} is {c} and sits {p}; {b} background",
+        "a {c} {s} positioned {p} with {b} behind it",
         "a {c} {s}",                       # short prompts: position and background left to chance
         "a {c} {s} on {b}",
+        "{c} {s}",
     ),
     "heldout": (
         "a drawing of a {c} {s} sitting {p} over a {b} background",
@@ -160,6 +185,7 @@ class Prompt:
     background: str | None
     split: str
     template: int
+    wording: int = 0  # index of the concept phrase in concept_wordings(concept, split)
 
     @property
     def role(self) -> str:
@@ -213,7 +239,8 @@ def make_prompt(concept: str, shape: str, position: str, background: str, rng: n
     templates = TEMPLATES[split]
     t = int(rng.integers(len(templates))) if template is None else template
     phrases = concept_wordings(concept, split)
-    c = phrases[int(rng.integers(len(phrases))) if wording is None else wording % len(phrases)]
+    w = int(rng.integers(len(phrases))) if wording is None else wording % len(phrases)
+    c = phrases[w]
     pick = lambda options: options[int(rng.integers(len(options)))]  # noqa: E731
     s = pick(_wordings(SHAPES, shape, split))
     p = pick(_wordings(POSITIONS, position, split))
@@ -221,7 +248,7 @@ def make_prompt(concept: str, shape: str, position: str, background: str, rng: n
     fmt = templates[t]
     text = _article(fmt.format(c=c, s=s, p=p, b=b))
     return Prompt(text, concept, shape, position if "{p}" in fmt else None,
-                  background if "{b}" in fmt else None, split, t)
+                  background if "{b}" in fmt else None, split, t, w)
 
 
 def sample_prompt(rng: np.random.Generator, split: str = "train",
@@ -230,23 +257,15 @@ def sample_prompt(rng: np.random.Generator, split: str = "train",
                        str(rng.choice(POSITION_NAMES)), str(rng.choice(BACKGROUND_NAMES)), rng, split)
 
 
-def _wording_index(prompt: Prompt) -> int:
-    phrases = concept_wordings(prompt.concept, prompt.split)
-    return next((i for i, ph in enumerate(phrases) if ph in prompt.text), 0)
-
-
 def swap_concept(prompt: Prompt, concept: str, rng: np.random.Generator | None = None) -> Prompt:
     """The same caption with the concept phrase replaced by one of `concept`'s (same split, same
     template, same other words): the matched counterpart of method.md section 3."""
-    old = concept_wordings(prompt.concept, prompt.split)[_wording_index(prompt)]
+    old = concept_wordings(prompt.concept, prompt.split)[prompt.wording]
     new_phrases = concept_wordings(concept, prompt.split)
-    if rng is None:
-        new = new_phrases[_wording_index(prompt) % len(new_phrases)]
-    else:
-        new = str(rng.choice(new_phrases))
+    w = prompt.wording % len(new_phrases) if rng is None else int(rng.integers(len(new_phrases)))
     # Re-derive the article: undo a/an before the old phrase, then redo it.
-    text = prompt.text.replace(f"an {old}", f"a {old}").replace(old, new, 1)
-    return replace(prompt, text=_article(text), concept=concept)
+    text = prompt.text.replace(f"an {old}", f"a {old}").replace(old, new_phrases[w], 1)
+    return replace(prompt, text=_article(text), concept=concept, wording=w)
 
 
 def safe_counterpart(prompt: Prompt) -> Prompt:
@@ -293,17 +312,18 @@ def prompt_pool(n: int, seed: int = 0, split: str = "train") -> list[Prompt]:
 
 # ---------------------------------------------------------------- rendering
 
-def _texture(name: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float) -> np.ndarray:
-    """Boolean mask of the pattern colour. Patterns are anchored to the image grid (not the object),
-    except rings, which are centred on the object, so a model learns one fixed field per texture."""
+def _texture(name: str, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Boolean mask of the pattern colour. Patterns are anchored to the image grid (not the object) with
+    periods of 8 px, a multiple of the generator's 4 px token: each texture is a few fixed token types,
+    which a small model learns in CPU minutes."""
     if name == "diagonal":
-        return ((xx + yy) // 3) % 2 == 1
+        return ((xx + yy) // 4) % 2 == 1
     if name == "checker":
         return ((xx // 4) + (yy // 4)) % 2 == 1
     if name == "dots":
-        return ((xx % 6) - 2.5) ** 2 + ((yy % 6) - 2.5) ** 2 < 3.0
-    if name == "rings":
-        return (np.floor(np.hypot(xx - cx, yy - cy) / 2.5) % 2) == 1
+        return ((xx % 8) - 3.5) ** 2 + ((yy % 8) - 3.5) ** 2 < 5.0
+    if name == "bands":
+        return (yy // 4) % 2 == 1
     if name == "solid":
         return np.zeros_like(xx, dtype=bool)
     raise ValueError(f"unknown texture {name!r}")
@@ -332,7 +352,7 @@ def render(scene: Scene) -> np.ndarray:
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     img[:] = BACKGROUND_RGB[scene.background]
     obj = _shape_mask(scene.shape, xx + 0.5, yy + 0.5, cx, cy, scene.size)
-    pat = _texture(c.texture, xx, yy, cx - 0.5, cy - 0.5)
+    pat = _texture(c.texture, xx, yy)
     img[obj & ~pat] = COLORS[c.colors[0]]
     img[obj & pat] = COLORS[c.colors[1]]
     return img

@@ -71,8 +71,9 @@ def test_safe_counterpart_changes_only_the_concept(seed, split, concept):
     assert safe.concept == c.counterpart and not safe.unsafe
     assert (safe.shape, safe.position, safe.background, safe.split, safe.template) == \
         (unsafe.shape, unsafe.position, unsafe.background, unsafe.split, unsafe.template)
-    old = next(ph for ph in world.concept_wordings(concept, split) if ph in unsafe.text)
-    new = next(ph for ph in world.concept_wordings(c.counterpart, split) if ph in safe.text)
+    old = world.concept_wordings(concept, split)[unsafe.wording]
+    new = world.concept_wordings(c.counterpart, split)[safe.wording]
+    assert old in unsafe.text and new in safe.text
     # removing the two concept phrases (and a/an) leaves the same words
     strip = lambda text, ph: text.replace("an " + ph, "a " + ph).replace(ph, "#")  # noqa: E731
     assert strip(unsafe.text, old) == strip(safe.text, new)
