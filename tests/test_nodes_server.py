@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_nodes_inprocess import write_random_bundled
 
 from safedig_core import save_pack
 from safedig_core.synthetic import random_pack
 
+from test_nodes_inprocess import write_random_bundled
 from tiny_models import SD3_CFG, diffusers_sd3
 
 pytest.register_assert_rewrite("comfy_server")  # it is also this module's pytest plugin (below)

@@ -1,0 +1,85 @@
+"""Ablation packs for the safety table: the same pipeline as `build-pack`, on the same collected
+activations, but with the routing replaced.
+
+    fixed_position     one hand-picked position, no routing: the middle double block's image attention
+    random_positions   R positions drawn at random (seeded) from every candidate, no routing
+
+    .venv/bin/python benchmarks/ablation_packs.py --run runs/build-pack    # after build-pack
+Writes benchmarks/results/ablation_packs/{fixed_position,random_positions}.safetensors (regenerable, not
+committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from safedig_core.collect import world_prompts  # noqa: E402
+from safedig_core.dictionary_training import AdaptConfig, SAEConfig  # noqa: E402
+from safedig_core.features import FeatureConfig  # noqa: E402
+from safedig_core.generators import BundledGenerator  # noqa: E402
+from safedig_core.pipeline import run_adapt, run_export, run_features, run_train  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "ablation_packs"
+
+
+def choose(kind: str, candidates: list[str], r: int, seed: int) -> list[str]:
+    if kind == "fixed_position":
+        doubles = sorted({int(p.split(".")[1]) for p in candidates if p.startswith("double.")})
+        return [f"double.{doubles[len(doubles) // 2]}.img.attn"]
+    return random.Random(seed).sample(sorted(candidates), r)
+
+
+def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
+    routing = json.loads((main_run / "routing.json").read_text())
+    candidates = [c["position"] for c in routing["candidates"]]
+    chosen = choose(kind, candidates, r, seed)
+    run = main_run.parent / f"{main_run.name}-{kind}"
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    (run / "collect").symlink_to((main_run / "collect").resolve(), target_is_directory=True)
+    for c in routing["candidates"]:
+        c["selected"] = c["position"] in chosen
+        c["rank"] = chosen.index(c["position"]) + 1 if c["selected"] else None
+        c["note"] = f"{kind} (ablation, not routed)" if c["selected"] else ""
+    routing["method"] = f"ablation: {kind}, no routing (positions {chosen})"
+    (run / "routing.json").write_text(json.dumps(routing, indent=1))
+    print(f"{kind}: {chosen}", flush=True)
+
+    generator = BundledGenerator(steps=20, guidance=3.0)
+    run_train(run, ["source", "benign"], SAEConfig(seed=seed))
+    calib = {
+        "benign": world_prompts("benign", 50, seed + 1),
+        "benign_heldout": world_prompts("benign", 16, seed + 2, "heldout"),
+    }
+    run_features(run, "hazard", "source", calib, FeatureConfig(), generator)
+    run_adapt(run, "toxic", "target", AdaptConfig(seed=seed))
+    OUT.mkdir(parents=True, exist_ok=True)
+    return run_export(run, OUT / f"{kind}.safetensors", {"ablation": kind})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=str(ROOT / "runs" / "build-pack"), help="the build-pack run folder")
+    ap.add_argument("--kinds", default="fixed_position,random_positions")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-R", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    for kind in args.kinds.split(","):
+        print(f"-> {build(kind, Path(args.run), args.seed, args.R)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
