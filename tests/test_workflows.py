@@ -52,6 +52,7 @@ STANDARD_FILES = {
 }
 BUNDLED_POSITIONS = ["double.0.txt.mlp", "double.1.img.attn", "single.1.out"]
 FIRE = dict(expansion=2, k=16, n_harmful=24, tau=0.0)  # a random pack whose gate opens on most tokens
+FAST_STEPS = 6
 
 
 def shipped_assets_exist() -> bool:
@@ -190,12 +191,15 @@ def test_bundled_workflow_runs_to_an_image_with_a_report(comfyui):
 
 def test_before_after_strip_is_the_bundled_workflow_at_each_mode(comfyui):
     info = comfyui.object_info()
-    strip, _ = run_images(comfyui, cw.ui_to_api(load("safedig_before_after"), info))
+    pair = load("safedig_before_after"), load("safedig_bundled_model")
+    for workflow in pair:  # fewer steps keep this quick; both workflows get the same ones
+        assert cw.set_widget(workflow, "KSampler", "steps", FAST_STEPS, info) >= 1
+    strip, _ = run_images(comfyui, cw.ui_to_api(pair[0], info))
     assert len(strip) == 1 and strip[0].shape == (128, 536, 3)
     # 4 panels of 32 px + 2 px white spacing, upscaled x4 (nearest): panel i starts at 4 * 34 * i.
     panels = [strip[0][::4, 136 * i: 136 * i + 128: 4] for i in range(4)]
     assert (strip[0][:, 128:136] == 255).all()
-    single = load("safedig_bundled_model")
+    single = pair[1]
     for mode, panel in zip(("Off", "Blend", "Repel", "Both"), panels, strict=True):
         cw.set_widget(single, "SafeDIGSteer", "mode", mode, info)
         (image,), _ = run_images(comfyui, cw.ui_to_api(single, info))
@@ -207,7 +211,9 @@ def test_headless_grid_code_on_the_session_server(comfyui, tmp_path):
     """The grid writer of `run.sh --headless` (its server start is tested in tests/test_browser.py)."""
     info = comfyui.object_info()
     rows = headless.row_prompts(("hazard", "candy"))
-    grid = headless.make_grid(comfyui.url, load("safedig_bundled_model"), info, tmp_path, rows=rows, log=lambda _: None)
+    workflow = load("safedig_bundled_model")
+    cw.set_widget(workflow, "KSampler", "steps", FAST_STEPS, info)
+    grid = headless.make_grid(comfyui.url, workflow, info, tmp_path, rows=rows, log=lambda _: None)
     record = json.loads((tmp_path / "safedig_grid.json").read_text())
     assert [r["concept"] for r in record["rows"]] == ["hazard", "candy"]
     assert all(r["diff"]["Off"] == 0 for r in record["rows"])
