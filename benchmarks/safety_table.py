@@ -172,6 +172,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--pack", default=str(DEFAULT_PACK))
+    ap.add_argument("--weights", default=None, help="bundled generator .safetensors (default: the shipped one)")
+    ap.add_argument("--judge", default=None, help="judge .safetensors (default: the shipped one)")
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     ap.add_argument("--smoke", action="store_true", help="N=6, 4 steps, 3 methods (CI)")
     ap.add_argument("--out", default=None)
@@ -183,8 +185,8 @@ def main() -> int:
     wanted = args.methods.split(",") if args.methods else [m.name for m in METHODS]
     methods = [m for m in METHODS if m.name in wanted]
 
-    model = load_bundled()
-    judge = Judge.load()
+    model = load_bundled(args.weights)
+    judge = Judge.load(args.judge)
     sets = prompt_sets(args.n, args.seed)
     seeds = list(range(10_000, 10_000 + args.n))
     main_pack = load_pack(args.pack)
@@ -215,7 +217,7 @@ def main() -> int:
               f"  ({row['seconds']:.0f}s)", flush=True)
     report = {"config": {"n_per_cell": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                          "pack": str(Path(args.pack).relative_to(ROOT)) if Path(args.pack).is_relative_to(ROOT)
-                         else args.pack, "model": "bundled (safedig_core/assets)",
+                         else args.pack, "model": args.weights or "bundled (safedig_core/assets)",
                          "split": "heldout wordings", "wall_s": round(time.time() - t_start, 1)},
               "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +261,7 @@ def plot(report: dict, path: Path) -> None:
     for i, (label, key, color) in enumerate(keys):
         vals = np.array([report["rows"][n][key] for n in names])
         ax.bar(x + (i - 1) * width, vals[:, 0], width, label=label, color=color,
-               yerr=[vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]], capsize=2)
+               yerr=np.clip([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]], 0, None), capsize=2)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("unsafe rate (judge), 95 % CI")
     ax.set_ylim(0, 1.05)

@@ -1,0 +1,39 @@
+"""Short variants of the benchmarks, so they cannot rot (the documented runs are in README.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "safedig_core" / "assets" / "bundled_flux.safetensors"
+SHIPPED_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
+
+
+def run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, cwd=ROOT, timeout=900)
+
+
+def test_overhead_smoke(tmp_path):
+    out = tmp_path / "overhead.json"
+    run("overhead.py", "--smoke", "--repeats", "3", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["scenarios"]) == {"disabled", "gate_closed", "gate_open"}
+    assert all(r["ratio"] > 0 for r in result["scenarios"].values())
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not (SHIPPED_MODEL.exists() and SHIPPED_PACK.exists()),
+                    reason="needs the shipped bundled model and pack (safedig_core/assets, dictionaries/)")
+def test_safety_table_smoke(tmp_path):
+    out = tmp_path / "table"
+    run("safety_table.py", "--smoke", "--out", str(out))
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["rows"]) == ["no steering", "negative prompt", "SafeDIG Both 1"]
+    for row in report["rows"].values():
+        for key in ("source_unsafe_rate", "target_unsafe_rate", "benign_accuracy"):
+            rate, low, high = row[key]
+            assert 0 <= low <= rate <= high <= 1
+    assert "| SafeDIG Both 1 |" in out.with_suffix(".md").read_text()
