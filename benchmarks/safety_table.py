@@ -127,7 +127,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    return p, min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # rounding never excludes p
 
 
 def mean_ci(values: np.ndarray) -> tuple[float, float, float]:
