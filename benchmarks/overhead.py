@@ -70,10 +70,13 @@ def _axes(head_dim: int) -> tuple[int, int, int]:
     return (a, b, head_dim - a - b)
 
 
-def dictionary(cfg: dict, d_model: int, tau: float) -> SteeringDictionary:
+def dictionary(cfg: dict, d_model: int) -> SteeringDictionary:
+    """One random 16x pack with a single decoder (at FLUX.1-dev width that is already 3.6 GB in fp32);
+    the scenarios open or shut its gate with a threshold override."""
     meta, tensors = random_pack("flux", d_model, POSITIONS, expansion=cfg["expansion"], k=cfg["k"],
-                                n_harmful=32 if cfg is FLUX_DEV else 4, tau=tau, harmful_bias=0.0)
-    return SteeringDictionary(DictionaryPack("random-16x.safetensors", meta, tensors), "target")
+                                n_harmful=32 if cfg["expansion"] * d_model > 4096 else 4, harmful_bias=0.0,
+                                domains=("source",))
+    return SteeringDictionary(DictionaryPack("random-16x.safetensors", meta, tensors))
 
 
 def timed(model, inputs, hooks=None) -> float:
@@ -116,11 +119,12 @@ def main() -> int:
     torch.manual_seed(0)
     model, inputs = build(cfg, dtype)
     d_model = cfg["heads"] * cfg["head_dim"]
-    params = SteeringParams(mode="both", blend_strength=1.0, repel_strength=1.0)
+    pack = dictionary(cfg, d_model)
+    both = dict(mode="both", blend_strength=1.0, repel_strength=1.0)
     scenarios = {
-        "disabled": (dictionary(cfg, d_model, 0.0), SteeringParams(mode="off")),
-        "gate_closed": (dictionary(cfg, d_model, 1e9), params),
-        "gate_open": (dictionary(cfg, d_model, -1e9), params),
+        "disabled": (pack, SteeringParams(mode="off")),
+        "gate_closed": (pack, SteeringParams(**both, tau_override=1e9)),
+        "gate_open": (pack, SteeringParams(**both, tau_override=-1e9)),
     }
     print(f"model: hidden {d_model}, {cfg['double']} double + {cfg['single']} single blocks, "
           f"{cfg['image_tokens']} image + {cfg['text_tokens']} text tokens, {args.dtype}, CPU threads "
