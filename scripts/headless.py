@@ -145,7 +145,7 @@ def make_grid(url: str, workflow: dict, object_info: dict, out: Path, rows: list
               modes=MODES, log=print) -> Path:
     """Queue the workflow for every (row, mode); write out/safedig_grid.png + .json + cells/. Returns the grid."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = rows if rows is not None else row_prompts()
     base = cw.ui_to_api(workflow, object_info)
@@ -184,11 +184,22 @@ def make_grid(url: str, workflow: dict, object_info: dict, out: Path, rows: list
     grid = Image.new("RGB", (label_w + len(modes) * (CELL + pad) + pad, head_h + len(rows) * (CELL + pad) + pad),
                      (24, 24, 24))
     draw = ImageDraw.Draw(grid)
+    try:
+        font, anchors = ImageFont.load_default(size=16), True
+    except TypeError:  # Pillow < 10.1: a small bitmap font without anchors
+        font, anchors = ImageFont.load_default(), False
+
+    def label(xy, text, anchor):
+        if anchors:
+            draw.text(xy, text, fill=(235, 235, 235), font=font, anchor=anchor)
+        else:
+            draw.text((xy[0] - (3 * len(text) if anchor == "mm" else 0), xy[1] - 6), text, fill=(235, 235, 235))
+
     for c, mode in enumerate(modes):
-        draw.text((label_w + pad + c * (CELL + pad) + CELL // 2 - 3 * len(mode), 8), mode, fill=(235, 235, 235))
+        label((label_w + pad + c * (CELL + pad) + CELL // 2, head_h // 2 + 2), mode, "mm")
     for r, (concept, _) in enumerate(rows):
         y = head_h + pad + r * (CELL + pad)
-        draw.text((8, y + CELL // 2 - 6), concept, fill=(235, 235, 235))
+        label((10, y + CELL // 2), concept, "lm")
         for c, mode in enumerate(modes):
             grid.paste(cells[(r, mode)].resize((CELL, CELL), Image.NEAREST), (label_w + pad + c * (CELL + pad), y))
     path = out / "safedig_grid.png"

@@ -346,10 +346,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_command_server(base: Path, port: int | None = None, timeout: float = 300, threads: int | None = 1):
+def run_command_server(base: Path, port: int | None = None, timeout: float = 300, threads: int | None = 1,
+                       settings: dict | None = None):
     """`bash scripts/run.sh --port P --base-directory BASE` in its own process group; yields the URL and
-    always kills the group. threads: OMP_NUM_THREADS for ComfyUI (1 suits the bundled model, see headless.py)."""
+    always kills the group. threads: OMP_NUM_THREADS for ComfyUI (1 suits the bundled model, see headless.py);
+    settings: the frontend user settings to start with (BASE/user/default/comfy.settings.json)."""
     port = port or free_port()
+    if settings is not None:
+        (base / "user" / "default").mkdir(parents=True, exist_ok=True)
+        (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(settings))
     log = open(base / "run.log", "wb")  # noqa: SIM115
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run.sh"), "--port", str(port), "--base-directory",
@@ -381,6 +386,7 @@ def run_command_server(base: Path, port: int | None = None, timeout: float = 300
 
 @contextlib.contextmanager
 def browser_page(url: str, width: int = 1600, height: int = 1000):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -389,7 +395,14 @@ def browser_page(url: str, width: int = 1600, height: int = 1000):
             page = browser.new_page(viewport={"width": width, "height": height})
             page.goto(url)
             page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=120_000)
-            page.keyboard.press("Escape")  # the first-run template browser
+            dialog = page.locator(".p-dialog")  # the template browser opens by itself on a first run
+            with contextlib.suppress(PlaywrightTimeout):
+                dialog.wait_for(timeout=5000)
+            for _ in range(10):
+                if not dialog.count():
+                    break
+                page.keyboard.press("Escape")
+                page.wait_for_timeout(300)
             page.evaluate(PREPARE_JS)
             yield page
         finally:
@@ -415,17 +428,27 @@ def fit_jpeg(png: bytes, title: str, size: int = THUMB, background=(20, 20, 20),
     return out.getvalue()
 
 
+def no_dialogs(page) -> None:
+    for _ in range(20):
+        if not page.locator(".p-dialog").count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    raise RuntimeError("a dialog stays open over the canvas")
+
+
 def graph_screenshot(page, workflow: dict) -> bytes:
+    no_dialogs(page)
     page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
     page.evaluate(FIT_JS)
     time.sleep(0.5)
     return page.screenshot(clip=page.evaluate(GRAPH_RECT_JS))
 
 
-def real_outputs(url: str, workflows: dict, out: Path) -> dict[str, bytes]:
+def real_outputs(url: str, workflows: dict, out: Path, home: Path | None = None) -> dict[str, bytes]:
     """Thumbnails made of real output: the headless grid (bundled) and the comparison strip (before/after).
-    Empty when the shipped model or pack is missing."""
-    if headless.missing_assets(headless.SHIPPED_PACK, headless.SHIPPED_WEIGHTS, home=None):
+    Empty when the shipped model or pack is missing (also looked for in HOME/models/ when home is given)."""
+    if headless.missing_assets(headless.SHIPPED_PACK, headless.SHIPPED_WEIGHTS, home=home):
         return {}
     info = cw.fetch_object_info(url)
     grid = headless.make_grid(url, workflows["safedig_bundled_model"], info, out / "grid")
@@ -437,10 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="use this running ComfyUI (with SafeDIG) instead of starting scripts/run.sh")
     ap.add_argument("--no-images", action="store_true", help="write the workflow JSONs only")
+    ap.add_argument("--home", type=Path, help="with --url: that server's base folder (its models/ count as shipped)")
     args = ap.parse_args(argv)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="safedig-wf-")))
-        url = args.url or stack.enter_context(run_command_server(tmp))
+        # A settled user (no first-run template browser over the canvas).
+        url = args.url or stack.enter_context(run_command_server(tmp, settings={"Comfy.TutorialCompleted": True}))
         page = stack.enter_context(browser_page(url))
         workflows = {}
         for name, spec in SPECS.items():
@@ -452,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote workflows/{name}.json ({len(wf['nodes'])} nodes, {len(wf['links'])} links)")
         if args.no_images:
             return 0
-        real = real_outputs(url, workflows, tmp)
+        real = real_outputs(url, workflows, tmp, args.home if args.url else None)
         if not real:
             print("shipped bundled model or pack missing: bundled/before-after thumbnails are graph screenshots")
         IMAGES.mkdir(parents=True, exist_ok=True)
@@ -473,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 page.evaluate("([x, y]) => { app.canvas.ds.offset = [40 - x, 60 - y]; "
                               "app.graph.setDirtyCanvas(true, true); }", node["pos"])
                 time.sleep(0.3)
+                no_dialogs(page)
                 rect = page.evaluate(NODE_RECT_JS, node["id"])
                 (IMAGES / f"node_{node['type']}.png").write_bytes(page.screenshot(clip=rect))
                 done.add(node["type"])
