@@ -12,6 +12,7 @@ Median of --repeats forward passes per scenario. Also reports the per-site cost 
 and the memory a pack adds per position at 16x in bf16/fp16.
 
     .venv/bin/python benchmarks/overhead.py                 # 2 double + 4 single blocks, 1024x1024 tokens
+    .venv/bin/python benchmarks/overhead.py --double 1 --single 2 --image-tokens 256 --repeats 3   # what fits a busy 2-core CPU
     .venv/bin/python benchmarks/overhead.py --smoke         # tiny widths, seconds (CI)
 """
 
@@ -33,7 +34,7 @@ from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams  # no
 from safedig_core.pack import DictionaryPack  # noqa: E402
 from safedig_core.synthetic import random_pack  # noqa: E402
 
-POSITIONS = ["double.0.txt.mlp", "double.1.img.attn", "single.1.out"]
+POSITIONS = ["double.0.txt.mlp", "double.0.img.attn", "single.1.out"]  # text MLP, image attention, single block
 FLUX_DEV = dict(heads=24, head_dim=128, ctx=4096, pooled=768, double=2, single=4, image_tokens=4096,
                 text_tokens=512, expansion=16, k=32)
 SMOKE = dict(heads=2, head_dim=32, ctx=32, pooled=16, double=2, single=2, image_tokens=64, text_tokens=8,
@@ -109,12 +110,16 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny widths (CI)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--image-tokens", type=int, help="override the image token count (a square number)")
+    ap.add_argument("--text-tokens", type=int, help="override the text token count")
+    ap.add_argument("--double", type=int, help="override the number of double blocks")
+    ap.add_argument("--single", type=int, help="override the number of single blocks")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
     args = ap.parse_args()
     cfg = dict(SMOKE if args.smoke else FLUX_DEV)
-    if args.image_tokens:
-        cfg["image_tokens"] = args.image_tokens
+    for key in ("image_tokens", "text_tokens", "double", "single"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model, inputs = build(cfg, dtype)
