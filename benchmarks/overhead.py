@@ -12,7 +12,7 @@ Median of --repeats forward passes per scenario. Also reports the per-site cost 
 and the memory a pack adds per position at 16x in bf16/fp16.
 
     .venv/bin/python benchmarks/overhead.py                 # 2 double + 4 single blocks, 1024x1024 tokens
-    .venv/bin/python benchmarks/overhead.py --double 1 --single 2 --image-tokens 256 --repeats 3   # what fits a busy 2-core CPU
+    .venv/bin/python benchmarks/overhead.py --double 1 --single 2 --image-tokens 256 --repeats 3  # a busy 2-core CPU
     .venv/bin/python benchmarks/overhead.py --smoke         # tiny widths, seconds (CI)
 """
 
