@@ -40,12 +40,14 @@ class BundledGenerator(Generator):
     """The bundled FLUX-class model: Euler sampling with CFG; the DiT sees [cond rows; uncond rows]."""
 
     def __init__(self, model=None, weights: str | None = None, steps: int = 20, guidance: float = 3.0, encoder=None):
-        from .bundled import load_bundled
+        from .bundled import GENERATOR_WEIGHTS, load_bundled
 
         self.model = model if model is not None else load_bundled(weights)
         self.steps, self.guidance = steps, guidance
         self._encoder = encoder
         self.spec = {"backend": "bundled", "weights": weights, "steps": steps, "guidance": guidance}
+        if model is None:  # provenance: which generator weights, whatever the path
+            self.spec["weights_sha256"] = file_sha256(weights or GENERATOR_WEIGHTS)
         self._uncond = None
 
     def encode(self, texts: Sequence[str]):
@@ -68,6 +70,16 @@ class BundledGenerator(Generator):
 
     def cond_rows(self, batch: int) -> slice:
         return slice(0, batch // 2) if self.guidance != 1.0 else slice(None)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class PromptEmbeddings:
