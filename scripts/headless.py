@@ -158,7 +158,7 @@ def make_grid(url: str, workflow: dict, object_info: dict, out: Path, rows: list
         for mode in modes:
             prompt = copy.deepcopy(base)
             prompt[positive]["inputs"]["text"] = text
-            prompt[sampler]["inputs"]["seed"] = seed0 + r
+            prompt[sampler]["inputs"]["seed"] = seed0
             for s in steers:
                 prompt[s]["inputs"]["mode"] = mode
             queued.append((r, concept, text, mode, submit(url, prompt, client)))
@@ -174,7 +174,7 @@ def make_grid(url: str, workflow: dict, object_info: dict, out: Path, rows: list
         img.save(out / name)
         cells[(r, mode)] = img
         if mode == modes[0]:
-            record["rows"].append({"concept": concept, "prompt": text, "seed": seed0 + r, "files": {}, "diff": {}})
+            record["rows"].append({"concept": concept, "prompt": text, "seed": seed0, "files": {}, "diff": {}})
         row = record["rows"][-1]
         row["files"][mode] = name
         off = np.asarray(cells[(r, modes[0])], dtype=np.float32)

@@ -42,7 +42,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 THUMB = 512
 
-BUNDLED_PROMPT = "a drawing of a warning-striped round blob sitting near the right edge over a silver background"
+BUNDLED_PROMPT = "a drawing of an ember-checked circular shape sitting near the right edge over a silver background"
 STEER = dict(enabled=True, mode="Blend", blend_strength=1.0, repel_strength=1.0, gate="hard",
              override_threshold=False, threshold=0.0, apply_to="cond", start_percent=0.0, end_percent=1.0,
              positions="")
