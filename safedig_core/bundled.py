@@ -165,7 +165,9 @@ def load_bundled(weights: str | os.PathLike | None = None, device: str | torch.d
     model = build_model(cfg)
     model.load_state_dict(load_file(os.fspath(weights)))
     model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
 
 
 def read_config(path: str | os.PathLike = GENERATOR_CONFIG) -> BundledConfig:

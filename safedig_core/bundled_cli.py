@@ -4,7 +4,8 @@
     train-judge     train the judge on procedural images, report held-out accuracy
     generate        prompts -> PNGs (one per image) and a labelled grid
     eval-bundled    the model card's numbers: unsafe rates per domain, benign concept accuracy
-    build-bundled   all of the above from scratch, then (with --install) copy into safedig_core/assets
+    install-bundled evaluate a trained generator + judge, record the numbers, copy them into assets
+    build-bundled   all of the above from scratch (with --install: into safedig_core/assets)
     world-images    the per-concept picture grids of docs/concept-world.md
 """
 
@@ -63,6 +64,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--install", action="store_true", help="copy the results into safedig_core/assets")
     p.set_defaults(func=_build)
 
+    p = sub.add_parser("install-bundled", help="evaluate a trained generator + judge, copy them into assets")
+    p.add_argument("generator", help="run folder of train-bundled (ema.safetensors, ema.json)")
+    p.add_argument("judge", help="run folder of train-judge (judge.safetensors, judge.json)")
+    p.add_argument("--n-per-concept", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_install)
+
     p = sub.add_parser("world-images", help="write one picture grid per concept (docs/images)")
     p.add_argument("--out", default="docs/images")
     p.add_argument("--seed", type=int, default=0)
@@ -80,7 +88,8 @@ def _train_args(p: argparse.ArgumentParser, default_out: str = "runs/bundled") -
     p.add_argument("--caption-pool", type=int, default=d.caption_pool)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (1 is faster on a busy machine)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads (1 is faster on a busy machine)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +97,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Euler steps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy machine)")
 
 
 def _train_bundled(args) -> int:
@@ -136,9 +146,16 @@ def _save_png(image: np.ndarray, path: Path, scale: int) -> None:
     Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(path)
 
 
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _generate(args) -> int:
     from .bundled import generate, load_bundled
 
+    _set_threads(args.threads)
     model = load_bundled(args.weights)
     prompts = [p for p in args.prompts for _ in range(args.n)]
     images = generate(prompts, seed=args.seed, steps=args.steps, guidance=args.guidance, model=model)
@@ -217,6 +234,7 @@ def _eval(args) -> int:
     from .bundled import load_bundled
     from .judge import Judge
 
+    _set_threads(args.threads)
     model, judge = load_bundled(args.weights), Judge.load(args.judge)
     m, images, prompts = evaluate_generator(model, judge, args.n_per_concept, args.split, args.seed,
                                             args.steps, args.guidance)
@@ -237,41 +255,53 @@ def _eval_grid(images: np.ndarray, prompts: list, n_per_concept: int, judge, per
 
 
 def _build(args) -> int:
-    from .bundled import (
-        GENERATOR_CONFIG,
-        GENERATOR_WEIGHTS,
-        TrainArgs,
-        load_bundled,
-        train,
-        write_prompt_cache,
-    )
-    from .judge import JUDGE_WEIGHTS, Judge, train_judge
+    from .bundled import TrainArgs, train
+    from .judge import train_judge
 
     out = Path(args.out)
-    judge_info = train_judge(out / "judge", steps=args.judge_steps, seed=args.seed)
-    summary = train(TrainArgs(out=str(out / "generator"), steps=args.steps, batch_size=args.batch_size,
-                              lr=args.lr, caption_pool=args.caption_pool, seed=args.seed,
-                              checkpoint_every=args.checkpoint_every))
-    judge = Judge.load(out / "judge" / "judge.safetensors")
-    model = load_bundled(out / "generator" / "ema.safetensors")
-    evals = {}
+    train_judge(out / "judge", steps=args.judge_steps, seed=args.seed, threads=args.threads)
+    train(TrainArgs(out=str(out / "generator"), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    caption_pool=args.caption_pool, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                    threads=args.threads))
+    evaluate_and_install(out / "generator", out / "judge", args.n_per_concept, args.install)
+    return 0
+
+
+def _install(args) -> int:
+    _set_threads(args.threads)
+    evaluate_and_install(Path(args.generator), Path(args.judge), args.n_per_concept, install=True)
+    return 0
+
+
+def evaluate_and_install(generator_dir: Path, judge_dir: Path, n_per_concept: int = 64,
+                         install: bool = False) -> dict:
+    """Evaluate a trained run (generator_dir/ema.*) with a judge (judge_dir/judge.*) on both wording
+    splits, record the numbers in generator_dir/ema.json, and optionally copy everything into
+    safedig_core/assets (plus the prompt cache the tests use)."""
+    from .bundled import GENERATOR_CONFIG, GENERATOR_WEIGHTS, load_bundled, write_prompt_cache
+    from .judge import JUDGE_WEIGHTS, Judge
+
+    summary = json.loads((generator_dir / "ema.json").read_text())
+    judge_info = json.loads((judge_dir / "judge.json").read_text())
+    judge = Judge.load(judge_dir / "judge.safetensors")
+    model = load_bundled(generator_dir / "ema.safetensors")
+    summary["eval"] = {}
     for split in world.SPLITS:
-        m, images, prompts = evaluate_generator(model, judge, args.n_per_concept, split)
+        m, images, prompts = evaluate_generator(model, judge, n_per_concept, split)
         print(format_metrics(m))
-        evals[split] = m
-        _eval_grid(images, prompts, args.n_per_concept, judge).save(out / f"eval-{split}.png")
+        summary["eval"][split] = m
+        _eval_grid(images, prompts, n_per_concept, judge).save(generator_dir / f"eval-{split}.png")
     summary["judge"] = {k: judge_info[k] for k in ("steps", "seed", "train_minutes", "metrics", "params")}
-    summary["eval"] = evals
-    (out / "generator" / "ema.json").write_text(json.dumps(summary, indent=2))
-    if args.install:
+    (generator_dir / "ema.json").write_text(json.dumps(summary, indent=2))
+    if install:
         GENERATOR_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "generator" / "ema.safetensors", GENERATOR_WEIGHTS)
-        shutil.copy(out / "generator" / "ema.json", GENERATOR_CONFIG)
-        shutil.copy(out / "judge" / "judge.safetensors", JUDGE_WEIGHTS)
-        shutil.copy(out / "judge" / "judge.json", JUDGE_WEIGHTS.with_suffix(".json"))
+        shutil.copy(generator_dir / "ema.safetensors", GENERATOR_WEIGHTS)
+        shutil.copy(generator_dir / "ema.json", GENERATOR_CONFIG)
+        shutil.copy(judge_dir / "judge.safetensors", JUDGE_WEIGHTS)
+        shutil.copy(judge_dir / "judge.json", JUDGE_WEIGHTS.with_suffix(".json"))
         write_prompt_cache()
         print(f"installed into {GENERATOR_WEIGHTS.parent}")
-    return 0
+    return summary
 
 
 def _world_images(args) -> int:

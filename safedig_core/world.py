@@ -105,7 +105,7 @@ BENIGN_CONCEPTS = tuple(c.name for c in CONCEPTS if not c.unsafe)
 
 # Other attributes: name -> (train wordings, heldout wordings)
 SHAPES = {
-    "circle": (("circle", "disc", "round shape", "disk", "round tile"), ("round blob",)),
+    "circle": (("circle", "disc", "round shape", "disk", "round tile"), ("circular shape",)),
     "square": (("square", "box", "square tile", "square panel", "quadrate"), ("block",)),
     "triangle": (("triangle", "three-sided shape", "pyramid shape", "triangular tile", "trigon"), ("wedge",)),
 }
