@@ -168,8 +168,9 @@ def _generate(args) -> int:
         from .judge import Judge
 
         v = Judge.load()(images)
-        labels = [f"{lab} -> {c}{' UNSAFE' if u else ''}"
-                  for lab, c, u in zip(labels, v.concept, v.unsafe, strict=True)]
+        # verdict first: long captions are cut at the tile's last label line
+        labels = [f"[{c}{' UNSAFE' if u else ''}] {lab}" for lab, c, u in zip(labels, v.concept, v.unsafe,
+                                                                              strict=True)]
     labelled_grid(images, labels, columns=min(8, len(images)), scale=args.scale).save(out / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {out}")
     return 0
@@ -250,7 +251,7 @@ def _eval(args) -> int:
 def _eval_grid(images: np.ndarray, prompts: list, n_per_concept: int, judge, per_row: int = 8):
     keep = [i for i in range(len(prompts)) if i % n_per_concept < per_row]
     v = judge(images[keep])
-    labels = [f"{prompts[i].concept}: {prompts[i].text} -> {c}" for i, c in zip(keep, v.concept, strict=True)]
+    labels = [f"{prompts[i].concept} -> {c}: {prompts[i].text}" for i, c in zip(keep, v.concept, strict=True)]
     return labelled_grid(images[keep], labels, columns=per_row, label_lines=5, scale=4)
 
 

@@ -146,3 +146,14 @@ def test_prompt_cache_matches_the_encoder(cache):
     torch.testing.assert_close(c_tok, tok, atol=2e-2, rtol=2e-3)  # cache keeps float16 tokens
     torch.testing.assert_close(c_pooled, pooled)
     assert (tok[1, 2:] == 0).all()  # "" is [CLS] [SEP] then zero padding
+
+
+def test_generate_command_writes_pngs(tmp_path):
+    from PIL import Image
+
+    from safedig_core.cli import main
+
+    text = bundled.smoke_prompts()[0].text
+    assert main(["generate", text, "--n", "2", "--steps", "4", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert Image.open(tmp_path / "000.png").size == (128, 128)
+    assert (tmp_path / "001.png").exists() and Image.open(tmp_path / "grid.png").width > 256
