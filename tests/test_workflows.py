@@ -139,8 +139,8 @@ def test_the_checker_refuses_what_the_server_would_refuse(comfyui):
         "is linked to a": lambda wf: wf["links"].__setitem__(
             0, [*wf["links"][0][:1], cw.nodes_of_type(wf, "SafeDIGBundledEmptyLatent")[0]["id"], 0,
                 *wf["links"][0][3:]]),
-        "is not one of ['bundled": lambda wf: cw.set_widget(wf, "SafeDIGLoadDictionary", "pack", "nope.safetensors",
-                                                            info),
+        "pack='nope.safetensors' is not one of": lambda wf: cw.set_widget(wf, "SafeDIGLoadDictionary", "pack",
+                                                                          "nope.safetensors", info),
     }
     for expected, mutate in cases.items():
         wf = copy.deepcopy(base)
