@@ -23,13 +23,21 @@ from comfy_api.v0_0_2 import io
 from safedig_core import ARCHITECTURES, SteeringDictionary, SteeringHooks, SteeringParams, resolve
 from safedig_core.errors import PackError, SafeDIGError
 from safedig_core.recorder import ScoreRecorder
-from safedig_core.steering import MAX_STRENGTH, in_step_range, rows_for_chunks, schedule_fraction
+from safedig_core.steering import (
+    MAX_STRENGTH,
+    MAX_TAU_SCALE,
+    GateScope,
+    in_step_range,
+    rows_for_chunks,
+    schedule_fraction,
+)
 
 from .types import SafeDIGDict
 
 WRAPPER_KEY = "safedig"
 MODES = ["Off", "Blend", "Repel", "Both"]
 GATES = ["hard", "soft"]
+SCOPES = ["token", "image"]
 APPLY_TO = ["cond", "uncond", "both"]
 
 
@@ -53,9 +61,10 @@ class SteerPatch:
         self.dictionary = dictionary
         self.params = params
         self.label = label
-        taus = {p: params.tau_override if params.tau_override is not None
-                else dictionary.pack.domain_features(dictionary.domain, p).tau for p in dictionary.positions}
+        taus = {p: params.threshold(dictionary.pack.domain_features(dictionary.domain, p).tau)
+                for p in dictionary.positions}
         self.recorder = ScoreRecorder(dictionary.positions, taus, params.gate, label)
+        self.latched: torch.Tensor | None = None  # image-scope gate: images latched in this sampling run
 
     def __deepcopy__(self, memo):
         return self
@@ -66,6 +75,7 @@ class SteerPatch:
     # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.recorder.begin(sigmas, n_images=noise.shape[0] if noise.dim() > 0 else 0)
+        self.latched = None
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
     # APPLY_MODEL: BaseModel._apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
@@ -91,9 +101,22 @@ class SteerPatch:
                 rec.set_grid(tuple(x.shape[-2:]), getattr(dit, "patch_size", 1))
             per_chunk = batch // len(chunks) if chunks and batch % len(chunks) == 0 else batch
             on_scores = rec.callback(rec.step_of(sigma), rows, per_chunk)
+        per_image = self._row_latch(chunks, batch, x.device) if active else None
         with SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, active=active, owner=self,
-                           on_scores=on_scores, model_positions=positions):
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+                           on_scores=on_scores, model_positions=positions, latch=per_image):
+            out = executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if per_image is not None:  # an image latched in any chunk stays latched for the rest of the run
+            self.latched |= per_image.view(-1, self.latched.numel()).any(0).cpu()
+        return out
+
+    def _row_latch(self, chunks, batch: int, device) -> torch.Tensor | None:
+        """The image-scope latch for this call's rows (row r is image r % images per chunk)."""
+        if self.params.scope != GateScope.IMAGE:
+            return None
+        per_chunk = batch // len(chunks) if chunks and batch % len(chunks) == 0 else batch
+        if self.latched is None or self.latched.numel() != per_chunk:
+            self.latched = torch.zeros(per_chunk, dtype=torch.bool)
+        return self.latched.repeat(batch // per_chunk).to(device)
 
 
 def steer_patches(model) -> list[SteerPatch]:
@@ -142,14 +165,25 @@ class Steer(io.ComfyNode):
                 io.String.Input("positions", default="", optional=True,
                                 tooltip="Optional comma-separated subset of the pack's routed positions "
                                         "(e.g. double.3.txt.mlp); empty: all of them."),
+                # Optional and last: workflows saved before this input existed still load.
+                io.Float.Input("threshold_scale", default=1.0, min=0.0, max=MAX_TAU_SCALE, step=0.05, optional=True,
+                               tooltip="Multiplies the pack's calibrated thresholds: 1 = calibrated (benign "
+                                       "prompts almost never fire); lower = more unsafe tokens steered, more "
+                                       "drift on benign images; 0 = wherever a harmful feature is active. "
+                                       "Ignored when override_threshold is on."),
+                io.Combo.Input("gate_scope", options=SCOPES, default="token", optional=True,
+                               tooltip="token: each token opens on its own score. image: once any token of an "
+                                       "image passes the threshold, every token of that image with a harmful "
+                                       "feature active is steered for the rest of the sampling run."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def validate_inputs(cls, mode, gate, apply_to, start_percent, end_percent, positions=None) -> bool | str:
+    def validate_inputs(cls, mode, gate, apply_to, start_percent, end_percent, positions=None,
+                        threshold_scale=None, gate_scope=None) -> bool | str:
         for problem in (check_choice("mode", mode, MODES), check_choice("gate", gate, GATES),
-                        check_choice("apply_to", apply_to, APPLY_TO)):
+                        check_choice("apply_to", apply_to, APPLY_TO), check_choice("gate_scope", gate_scope, SCOPES)):
             if problem:
                 return problem
         bad = [p for p in parse_positions(positions) or []
@@ -161,6 +195,9 @@ class Steer(io.ComfyNode):
         for name, v in (("start_percent", start_percent), ("end_percent", end_percent)):
             if v is not None and not 0.0 <= v <= 1.0:
                 return f"{name} {v} is outside [0, 1]. Fix: use a fraction of the schedule between 0 and 1."
+        if threshold_scale is not None and not 0.0 <= threshold_scale <= MAX_TAU_SCALE:
+            return (f"threshold_scale {threshold_scale} is outside [0, {MAX_TAU_SCALE:g}]. Fix: use 1 for the pack's "
+                    "calibrated thresholds, lower to steer more.")
         if start_percent is not None and end_percent is not None and start_percent > end_percent:
             return (f"start_percent {start_percent} is after end_percent {end_percent}. Fix: make "
                     "start_percent <= end_percent.")
@@ -168,16 +205,19 @@ class Steer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dictionary, enabled, mode, blend_strength, repel_strength, gate, override_threshold,
-                threshold, apply_to, start_percent, end_percent, positions="") -> io.NodeOutput:
+                threshold, apply_to, start_percent, end_percent, positions="", threshold_scale=1.0,
+                gate_scope="token") -> io.NodeOutput:
         for problem in (check_choice("mode", mode, MODES), check_choice("gate", gate, GATES),
-                        check_choice("apply_to", apply_to, APPLY_TO)):
+                        check_choice("apply_to", apply_to, APPLY_TO), check_choice("gate_scope", gate_scope, SCOPES)):
             if problem:
                 raise SafeDIGError(problem.split(". Fix: ")[0], problem.split(". Fix: ")[1].rstrip("."))
         if not isinstance(dictionary, SteeringDictionary):
             raise SafeDIGError(f"the dictionary input is a {type(dictionary).__name__}, not a SafeDIG dictionary",
                                "connect a SafeDIG Load Dictionary node")
         params = SteeringParams(mode=mode, blend_strength=blend_strength, repel_strength=repel_strength, gate=gate,
-                                tau_override=threshold if override_threshold else None, apply_to=apply_to,
+                                tau_override=threshold if override_threshold else None,
+                                tau_scale=1.0 if threshold_scale is None else threshold_scale,
+                                scope=gate_scope or "token", apply_to=apply_to,
                                 start=start_percent, end=end_percent)
         if not enabled or params.is_identity:
             return io.NodeOutput(model)  # not even a clone: bitwise the unsteered graph
@@ -192,8 +232,9 @@ class Steer(io.ComfyNode):
                             path=exc.path) from None
         label = (f"pack {os.path.basename(dictionary.pack.path)}, domain {dictionary.domain}; mode "
                  f"{params.mode.value} (blend {params.blend_strength:g}, repel {params.repel_strength:g}); gate "
-                 f"{params.gate.value}, tau " + (f"{params.tau_override:g} (override)" if params.tau_override
-                                                 is not None else "from pack")
+                 f"{params.gate.value} per {params.scope.value}, tau "
+                 + (f"{params.tau_override:g} (override)" if params.tau_override is not None
+                    else f"from pack x {params.tau_scale:g}")
                  + f"; applies to {params.apply_to.value}; schedule {start_percent:.0%}-{end_percent:.0%}")
         patch = SteerPatch(dictionary, params, label)
         out = model.clone()

@@ -12,7 +12,7 @@ from .errors import ArchitectureError, PackError, SafeDIGError
 from .hooks import ActivationCapture, SteeringDictionary, SteeringHooks, safedig_hooks
 from .pack import DictionaryPack, load_pack, save_pack
 from .positions import ARCHITECTURES, ModelPositions, resolve
-from .steering import ApplyTo, GateKind, Mode, SteeringParams
+from .steering import ApplyTo, GateKind, GateScope, Mode, SteeringParams
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "ArchitectureError",
     "DictionaryPack",
     "GateKind",
+    "GateScope",
     "Mode",
     "ModelPositions",
     "PackError",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .errors import PackError, SafeDIGError
 from .pack import DictionaryPack, decoder_key, encoder_key
 from .positions import ModelPositions, resolve
-from .steering import PositionWeights, SteeringParams, steer
+from .steering import GateScope, PositionWeights, SteeringParams, steer
 
 
 class SteeringDictionary:
@@ -96,7 +96,9 @@ class _SteeringHook:
         s = self.session
         weights = s.dictionary.weights(self.position, output.device, output.dtype)
         scores = [] if s.on_scores is not None else None
-        steered = steer(output, weights, s.params, s.row_mask, scores_out=scores)
+        if s.latch is None and s.params.scope == GateScope.IMAGE:
+            s.latch = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
+        steered = steer(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch)
         if scores is not None:
             s.on_scores(self.position, scores[0])
         return None if steered is output else steered
@@ -119,12 +121,14 @@ class SteeringHooks:
     step range). on_scores(position, scores[batch, tokens]) receives exact harmful scores for reports.
     owner identifies the installer (e.g. one Steer node); installing the same owner twice on a module is
     refused, so an exception that skipped cleanup somewhere else can never double-steer.
+    latch: [batch] bool, the rows already latched by an image-scope gate (updated in place); pass the same
+    tensor to every call of one sampling run. None: latched rows are remembered for this context only.
     """
 
     def __init__(self, model: object, dictionary: SteeringDictionary, params: SteeringParams, *,
                  row_mask: Tensor | None = None, active: bool = True, owner: object = None,
                  on_scores: Callable[[str, Tensor], None] | None = None,
-                 model_positions: ModelPositions | None = None):
+                 model_positions: ModelPositions | None = None, latch: Tensor | None = None):
         self.model = model
         self.dictionary = dictionary
         self.params = params
@@ -133,6 +137,7 @@ class SteeringHooks:
         self.owner = owner if owner is not None else dictionary
         self.on_scores = on_scores
         self._model_positions = model_positions
+        self.latch = latch
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
 

@@ -27,6 +27,8 @@ from .sae import topk_relu
 # Strengths above this push activations far off the data manifold (method.md section 8: at -10 every
 # image became noise); they are rejected, not clamped, so a workflow never silently means something else.
 MAX_STRENGTH = 4.0
+# The calibrated threshold may be scaled from 0 (every token where a harmful latent fires) to 4x stricter.
+MAX_TAU_SCALE = 4.0
 
 
 class Mode(str, Enum):
@@ -39,6 +41,11 @@ class Mode(str, Enum):
 class GateKind(str, Enum):
     HARD = "hard"
     SOFT = "soft"
+
+
+class GateScope(str, Enum):
+    TOKEN = "token"  # each token on its own score
+    IMAGE = "image"  # once any token of an image passes the threshold, all its harmful-active tokens
 
 
 class ApplyTo(str, Enum):
@@ -63,6 +70,8 @@ class SteeringParams:
     repel_strength: float = 1.0
     gate: GateKind = GateKind.HARD
     tau_override: float | None = None
+    tau_scale: float = 1.0
+    scope: GateScope = GateScope.TOKEN
     apply_to: ApplyTo = ApplyTo.COND
     start: float = 0.0
     end: float = 1.0
@@ -70,6 +79,7 @@ class SteeringParams:
     def __post_init__(self):
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
         object.__setattr__(self, "gate", _enum(GateKind, self.gate, "gate"))
+        object.__setattr__(self, "scope", _enum(GateScope, self.scope, "gate scope"))
         object.__setattr__(self, "apply_to", _enum(ApplyTo, self.apply_to, "apply_to"))
         for name in ("blend_strength", "repel_strength"):
             v = getattr(self, name)
@@ -77,9 +87,18 @@ class SteeringParams:
                 raise SafeDIGError(f"{name} {v!r} is out of range", f"use a value in [0, {MAX_STRENGTH}]")
         if self.tau_override is not None and not math.isfinite(self.tau_override):
             raise SafeDIGError(f"tau_override {self.tau_override!r} is not finite", "use a finite threshold")
+        if not (isinstance(self.tau_scale, (int, float)) and math.isfinite(self.tau_scale)
+                and 0 <= self.tau_scale <= MAX_TAU_SCALE):
+            raise SafeDIGError(f"tau_scale {self.tau_scale!r} is out of range",
+                               f"use a value in [0, {MAX_TAU_SCALE}] (1 = the pack's calibrated threshold)")
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise SafeDIGError(f"step range start {self.start} / end {self.end} is invalid",
                                "use 0 <= start <= end <= 1 (fractions of the schedule)")
+
+    def threshold(self, calibrated: float) -> float:
+        """The gate threshold at a position whose pack calibrated `calibrated`: the override if set, else
+        calibrated * tau_scale (below 1 the gate opens more often: more recall, more benign drift)."""
+        return self.tau_override if self.tau_override is not None else calibrated * self.tau_scale
 
     @property
     def alpha(self) -> float:
@@ -147,40 +166,67 @@ def harmful_scores(x: Tensor, w: PositionWeights) -> Tensor:
 
 
 def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tensor | None = None,
-          scores_out: list | None = None) -> Tensor:
+          scores_out: list | None = None, latch: Tensor | None = None) -> Tensor:
     """Steered activation x' for x [batch, tokens, d_model]; returns x itself when nothing changes.
 
     row_mask [batch] bool selects the batch rows to steer (e.g. the cond chunk). Tokens with any
     non-finite value are never touched. If scores_out is a list, the per-token harmful score
     [batch, tokens] is appended to it: exact where the gate may open, and the cheap upper bound (at or
     below the gate floor, so those tokens surely stay shut) elsewhere; 0 outside the steered rows.
+
+    With params.scope IMAGE, a row whose score passes the threshold at any token is latched: from then on
+    every token of it with a positive harmful score is steered (hard gate). `latch` [batch] bool carries
+    the latched rows across positions and calls and is updated in place; None latches within this call.
     """
     if params.is_identity and scores_out is None:
         return x
-    tau = params.tau_override if params.tau_override is not None else w.tau
+    tau = params.threshold(w.tau)
     floor = _gate_floor(tau, params.gate)
+    by_image = params.scope == GateScope.IMAGE
     steerable = torch.isfinite(x).all(dim=-1)
     if row_mask is not None:
         steerable &= row_mask.to(x.device).view(-1, *([1] * (x.dim() - 2)))
     # Upper bound on g from the harmful latents alone (exact pruning: TopK never raises a latent).
     bound = (x @ w.bound_W.T + w.bound_b).relu() @ w.harmful_weights
-    candidates = steerable & (bound > floor)
-    idx = candidates.nonzero(as_tuple=True)
+    latched = None
+    if by_image:
+        latched = (latch.to(x.device) if latch is not None else torch.zeros(x.shape[0], dtype=torch.bool,
+                                                                                 device=x.device))
+        latched = latched.view(-1, *([1] * (x.dim() - 2)))
+        candidates = steerable & (bound > torch.where(latched, 0.0, floor))
+    else:
+        candidates = steerable & (bound > floor)
     reported = torch.where(steerable, bound, torch.zeros_like(bound)) if scores_out is not None else None
-    if idx[0].numel() == 0:
-        if reported is not None:
-            scores_out.append(reported)
+    idx = candidates.nonzero(as_tuple=True)
+    z = _encode(x[idx], w)  # the full encoder, on candidate tokens only
+    score = z[:, w.harmful_ids] @ w.harmful_weights
+    if by_image:
+        fired = torch.zeros_like(candidates)
+        fired[idx] = score > tau
+        fired = fired.flatten(1).any(1).view_as(latched)
+        newly = fired & ~latched
+        if newly.any():  # rows latched just now: their tokens between 0 and the floor need exact scores too
+            extra = (steerable & newly & (bound > 0) & ~candidates).nonzero(as_tuple=True)
+            z_extra = _encode(x[extra], w)
+            idx = tuple(torch.cat([a, b]) for a, b in zip(idx, extra, strict=True))
+            z = torch.cat([z, z_extra])
+            score = torch.cat([score, z_extra[:, w.harmful_ids] @ w.harmful_weights])
+        latched |= fired
+        if latch is not None:
+            latch.copy_(latched.flatten().to(latch.device))
+    if reported is not None:
+        reported[idx] = score.to(reported.dtype)
+        scores_out.append(reported)
+    if idx[0].numel() == 0 or params.is_identity:
         return x
 
     xc = x[idx]
-    z = _encode(xc, w)  # the full encoder, on candidate tokens only
-    score = z[:, w.harmful_ids] @ w.harmful_weights
-    if reported is not None:
-        reported[idx] = score
-        scores_out.append(reported)
-        if params.is_identity:
-            return x
-    gate = gate_open_from(score, tau, params.gate).unsqueeze(-1)
+    if by_image:
+        row_latched = latched.flatten()[idx[0]]
+        gate = torch.where(row_latched, (score > 0).to(score.dtype), gate_open_from(score, tau, params.gate))
+    else:
+        gate = gate_open_from(score, tau, params.gate)
+    gate = gate.unsqueeze(-1)
 
     new = xc
     if params.alpha:
@@ -194,6 +240,8 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
     # Never introduce non-finite values (e.g. fp16 overflow): such tokens keep their input.
     new = torch.where(torch.isfinite(new).all(-1, keepdim=True), new, xc)
     changed = gate.squeeze(-1) > 0
+    if not changed.any():
+        return x
     out = x.clone()
     out[tuple(i[changed] for i in idx)] = new[changed].to(x.dtype)
     return out

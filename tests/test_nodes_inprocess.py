@@ -153,6 +153,28 @@ def test_step_range_limits_steering(nodes, sd3, sd3_dict):
     assert not torch.equal(_apply(late, x, last, (0,), ctx, pooled), _apply(sd3, x, last, (0,), ctx, pooled))
 
 
+def test_image_scope_latch_spans_calls_and_resets_per_run(nodes, sd3, sd3_dict):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, SD3_CFG["latent_ch"], 8, 8, generator=g)
+    ctx, pooled = torch.randn(1, 5, SD3_CFG["ctx_dim"], generator=g), torch.randn(1, SD3_CFG["pooled"], generator=g)
+    sigma = torch.tensor([1.0])
+    model = steer(nodes, sd3, sd3_dict, gate_scope="image", override_threshold=True, threshold=1e9)
+    patch = nodes.steer.steer_patches(model)[0]
+    plain = _apply(sd3, x, sigma, (0,), ctx, pooled)
+    assert torch.equal(_apply(model, x, sigma, (0,), ctx, pooled), plain)  # nothing passes: nothing latched
+    assert patch.latched.tolist() == [False]
+    patch.latched = torch.tensor([True])  # as if the image had fired at an earlier step
+    assert not torch.equal(_apply(model, x, sigma, (0,), ctx, pooled), plain)
+    assert patch.latched.tolist() == [True]
+    assert torch.equal(sample(model, cfg=1.0), sample(sd3, cfg=1.0))  # a new run starts unlatched
+    assert patch.latched.tolist() == [False]
+    fires = steer(nodes, sd3, sd3_dict, gate_scope="image")
+    first = sample(fires, cfg=2.0)
+    assert not torch.equal(first, sample(sd3, cfg=2.0)) and torch.equal(sample(fires, cfg=2.0), first)
+    assert nodes.steer.steer_patches(fires)[0].latched.tolist() == [True]
+    assert safedig_hooks(sd3.model) == []
+
+
 def test_exception_inside_the_model_removes_the_hooks(nodes, sd3, sd3_dict):
     steered = steer(nodes, sd3, sd3_dict)
     seen = []
@@ -185,6 +207,8 @@ def test_pack_mismatch_is_an_execution_error_naming_both(nodes, sd3):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), positions="joint.0.txt.attn")
     with pytest.raises(SafeDIGError, match="mode 'Sideways' is not one of"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), mode="Sideways")
+    with pytest.raises(SafeDIGError, match="gate_scope 'pixel' is not one of"):
+        steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), gate_scope="pixel")
 
 
 def test_validate_inputs_messages(nodes):
@@ -194,6 +218,10 @@ def test_validate_inputs_messages(nodes):
                                                end_percent=1)
     assert "start_percent 0.8 is after end_percent 0.2" in v(mode="Blend", gate="hard", apply_to="cond",
                                                              start_percent=0.8, end_percent=0.2)
+    assert "threshold_scale 5.0 is outside [0, 4]" in v(mode="Blend", gate="hard", apply_to="cond", start_percent=0,
+                                                       end_percent=1, threshold_scale=5.0)
+    assert "gate_scope 'all' is not one of" in v(mode="Blend", gate="hard", apply_to="cond", start_percent=0,
+                                                 end_percent=1, gate_scope="all")
     # Linked (unknown until execution) values pass validation.
     assert v(mode=None, gate=None, apply_to=None, start_percent=None, end_percent=None) is True
 

@@ -30,7 +30,7 @@ def activations(seed=0, batch=3, tokens=20, dtype=torch.float32):
 
 def reference(x, w, p, row_mask=None):
     """Straightforward formula of method.md section 6 (no pruning), for comparison."""
-    tau = w.tau if p.tau_override is None else p.tau_override
+    tau = w.tau * p.tau_scale if p.tau_override is None else p.tau_override
     enc = lambda v: topk_relu((v / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)  # noqa: E731
     z = enc(x)
     g = z[..., w.harmful_ids] @ w.harmful_weights
@@ -164,14 +164,68 @@ def test_tau_override_closes_the_gate():
     assert steer(x, w, SteeringParams(mode="both", tau_override=1e9)) is x
 
 
+def test_tau_scale_lowers_the_calibrated_threshold():
+    x = activations(11)
+    w = weights()
+    w.tau = median_tau(x, w)
+    g = harmful_scores(x, w)
+    half = SteeringParams(mode="blend", tau_scale=0.5)
+    out = steer(x, w, half)
+    torch.testing.assert_close(out, reference(x, w, half))
+    assert torch.equal(out, steer(x, w, SteeringParams(mode="blend", tau_override=w.tau / 2)))
+    changed = (out != x).any(-1)
+    assert changed[(g > w.tau / 2) & (g <= w.tau)].any()  # opened only by the scale
+    assert not changed[g <= w.tau / 2].any()
+    assert SteeringParams(tau_scale=0.5, tau_override=3.0).threshold(w.tau) == 3.0  # the override wins
+
+
+def test_image_scope_latches_whole_rows():
+    x = activations(12, batch=4)
+    w = weights()
+    g = harmful_scores(x, w)
+    w.tau = float(g.amax(1).sort().values[1]) + 1e-4  # rows 2 and 3 pass tau somewhere, rows 0 and 1 nowhere
+    fired = (g > w.tau).any(1)
+    assert int(fired.sum()) == 2
+    p = SteeringParams(mode="blend", scope="image")
+    latch = torch.zeros(4, dtype=torch.bool)
+    out = steer(x, w, p, latch=latch)
+    assert latch.tolist() == fired.tolist()
+    assert torch.equal(out[~fired], x[~fired])  # rows that never fired: bitwise untouched
+    # a fired row is steered wherever its harmful score is positive, as with the threshold at 0
+    everywhere = reference(x, w, SteeringParams(mode="blend", tau_override=0.0))
+    torch.testing.assert_close(out[fired], everywhere[fired])
+    assert ((out != x).any(-1) == ((g > 0) & fired[:, None])).all()
+    torch.testing.assert_close(steer(x, w, SteeringParams(mode="blend")), reference(x, w, SteeringParams(mode="blend")))
+
+
+def test_image_scope_latch_carries_over_calls():
+    x = activations(13, batch=2)
+    w = weights()
+    g = harmful_scores(x, w)
+    w.tau = float(g.max()) + 1.0  # nothing passes tau in this call
+    p = SteeringParams(mode="repel", scope="image")
+    assert steer(x, w, p, latch=torch.zeros(2, dtype=torch.bool)) is x
+    latch = torch.tensor([True, False])  # row 0 fired at an earlier position or step
+    out = steer(x, w, p, latch=latch)
+    assert latch.tolist() == [True, False]
+    assert torch.equal(out[1], x[1]) and not torch.equal(out[0], x[0])
+    torch.testing.assert_close(out[0], reference(x, w, SteeringParams(mode="repel", tau_override=0.0))[0])
+    scores = []
+    steer(x, w, p, latch=latch, scores_out=scores)
+    torch.testing.assert_close(scores[0][0], g[0])  # exact on the latched row
+
+
 @pytest.mark.parametrize("kwargs,msg", [
     ({"blend_strength": MAX_STRENGTH + 1}, "blend_strength .* out of range"),
     ({"repel_strength": -0.1}, "repel_strength .* out of range"),
     ({"repel_strength": float("nan")}, "repel_strength .* out of range"),
     ({"mode": "erase"}, r"unknown mode 'erase'.*Fix: use one of \['off', 'blend', 'repel', 'both'\]"),
     ({"gate": "maybe"}, "unknown gate"),
+    ({"scope": "pixel"}, r"unknown gate scope 'pixel'.*\['token', 'image'\]"),
     ({"start": 0.8, "end": 0.2}, "step range"),
     ({"tau_override": float("inf")}, "tau_override"),
+    ({"tau_scale": -0.5}, r"tau_scale -0.5 is out of range.*Fix: use a value in \[0, 4.0\]"),
+    ({"tau_scale": float("nan")}, "tau_scale"),
 ])
 def test_bad_params_are_rejected(kwargs, msg):
     with pytest.raises(SafeDIGError, match=msg):
