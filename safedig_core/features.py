@@ -3,10 +3,13 @@
 Per latent j, from matched unsafe/safe pairs through the frozen encoder: each row (a prompt at a captured
 step) is summarised by the latent's max over the row's tokens ("does it fire anywhere"), and
     smd_j = (mean_unsafe - mean_safe) / sqrt((var_unsafe + var_safe) / 2)
-Harmful set H: the top n_harmful latents with smd_j > min_smd; weights w_j = smd_j / sum (non-negative,
-summing to 1, so g = sum w_j z_j is a weighted mean activation). Safe anchor: the top n_anchor latents
-with smd_j < -min_smd, valued at their mean activation on the safe tokens where they fire. A target
-domain keeps the ids of H and re-estimates weights (clipped at 0) and the anchor on its own pairs.
+Harmful set H: the top n_harmful latents with smd_j > min_smd. With `harmful_from` naming several
+labelled pair sets (e.g. the source and a target domain), each set gets an equal share of the n_harmful
+slots, filled by its own SMD ranking (skipping ids another set already took); unused slots go round-robin
+to the sets' next-best latents. The weights are fit on the domain's own pairs only (see fit_weights).
+Safe anchor: the top n_anchor latents with smd_j < -min_smd, valued at their mean activation on the
+safe tokens where they fire. A target domain keeps the ids of H and re-estimates weights (clipped at 0)
+and the anchor on its own pairs.
 
 Gate threshold: the generator samples benign prompts with the full schedule; per generation and position
 the max of g over the prompt's tokens and all steps is recorded. tau_p is the same order statistic at
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .collect import ActivationSet, PromptRecord
+from .errors import SafeDIGError
 from .generators import Generator
 from .hooks import ActivationCapture
 from .routing import auroc
@@ -37,6 +41,12 @@ class FeatureConfig:
     n_anchor: int = 8
     min_smd: float = 0.5
     fire_rate: float = 0.01
+    # collected pair sets H is chosen from (SMD on each, an equal share of n_harmful per set); empty: the
+    # domain's own pairs only. The weights are always fit on the domain's own pairs.
+    harmful_from: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "harmful_from", tuple(self.harmful_from))  # from JSON: a list
 
 
 @dataclass
@@ -102,6 +112,40 @@ def choose_harmful(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> 
     return [int(j) for j in order[: cfg.n_harmful] if s[j] > cfg.min_smd] or [int(order[0])]
 
 
+def choose_harmful_union(smds: Sequence[Tensor], cfg: FeatureConfig) -> tuple[list[int], list[int]]:
+    """H from several pair sets: set i gets n_harmful // m slots (the first n_harmful % m sets one more),
+    taken from its own SMD ranking (smd > min_smd) skipping ids already chosen; slots a set cannot fill go
+    round-robin to the other sets' next-best latents. Returns (ids, index of the set that brought each)."""
+    m = len(smds)
+    ranked = [[int(j) for j in s.argsort(descending=True) if s[j] > cfg.min_smd] for s in smds]
+    quota = [cfg.n_harmful // m + (i < cfg.n_harmful % m) for i in range(m)]
+    chosen: dict[int, int] = {}
+    cursor = [0] * m
+
+    def take(i: int) -> bool:
+        while cursor[i] < len(ranked[i]):
+            j = ranked[i][cursor[i]]
+            cursor[i] += 1
+            if j not in chosen:
+                chosen[j] = i
+                return True
+        return False
+
+    for i in range(m):
+        for _ in range(quota[i]):
+            if not take(i):
+                break
+    grew = True
+    while grew and len(chosen) < cfg.n_harmful:
+        grew = False
+        for i in range(m):
+            if len(chosen) < cfg.n_harmful and take(i):
+                grew = True
+    if not chosen:
+        return [int(smds[0].argmax())], [0]
+    return list(chosen), list(chosen.values())
+
+
 def choose_anchor(unsafe: ClassStats, safe: ClassStats, cfg: FeatureConfig) -> tuple[list[int], list[float]]:
     """Safe anchor: the latents that rise most on the safe side, at their mean activation where they fire."""
     s = smd(unsafe, safe)
@@ -152,18 +196,34 @@ def fit_weights(z_pos: Tensor, z_neg: Tensor, steps: int = 300, l2: float = 1e-3
 
 
 def domain_features(sae: TopKSAE, pairs: ActivationSet, negatives: Sequence[ActivationSet], position: str,
-                    harmful: list[int] | None, cfg: FeatureConfig) -> tuple[dict, Tensor, Tensor]:
+                    harmful: list[int] | None, cfg: FeatureConfig,
+                    harmful_sets: Sequence[ActivationSet] = ()) -> tuple[dict, Tensor, Tensor]:
     """One domain's features at one position: H (chosen here when `harmful` is None, else kept), its
     weights (fit on the unsafe rows vs the safe rows of the pairs and every row of `negatives`) and the safe
-    anchor. Returns (features, gate score per paired row, label per paired row)."""
+    anchor. `harmful_sets`: the pair sets H is chosen from (default: `pairs` alone); a set named like
+    `pairs` reuses its statistics. Returns (features, gate score per paired row, label per paired row)."""
     unsafe, safe = pair_statistics(sae, pairs, position)
+    extra: dict = {}
+    if harmful is None and harmful_sets:
+        stats = [(unsafe, safe) if hs.path == pairs.path else pair_statistics(sae, hs, position)
+                 for hs in harmful_sets]
+        for hs, (u, _) in zip(harmful_sets, stats, strict=True):
+            if u.rows == 0:
+                raise SafeDIGError(f"set '{hs.path.name}' has no unsafe paired rows to choose harmful features from",
+                                   "--harmful-from takes collected sets of matched unsafe/safe pairs")
+        smds = [smd(u, s_) for u, s_ in stats]
+        harmful, origin = choose_harmful_union(smds, cfg)
+        names = [hs.path.name for hs in harmful_sets]
+        extra = {"harmful_origin": [names[i] for i in origin],
+                 "harmful_smd_by_set": {n: [round(float(v), 4) for v in d[harmful]] for n, d in zip(names, smds,
+                                                                                             strict=True)}}
     harmful = harmful if harmful is not None else choose_harmful(unsafe, safe, cfg)
     z, label, paired = harmful_rows(sae, pairs, position, harmful)
     negs = [z[paired & (label == 0)]] + [harmful_rows(sae, n, position, harmful)[0] for n in negatives]
     weights = fit_weights(z[paired & (label == 1)], torch.cat(negs))
     anchor_ids, anchor_values = choose_anchor(unsafe, safe, cfg)
     feats = {"harmful_ids": harmful, "harmful_weights": [round(float(v), 6) for v in weights],
-             "harmful_smd": [round(float(v), 4) for v in smd(unsafe, safe)[harmful]],
+             "harmful_smd": [round(float(v), 4) for v in smd(unsafe, safe)[harmful]], **extra,
              "safe_anchor_ids": anchor_ids, "safe_anchor_values": anchor_values}
     return feats, gate_scores(z[paired], weights), label[paired]
 

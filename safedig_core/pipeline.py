@@ -100,19 +100,44 @@ def _log_time(run: Path, stage: str, seconds: float) -> None:
 # -------------------------------------------------------------------------------------------- stages
 
 
-def run_route(run: Path, set_name: str = "source", r: int = 3, plot: str | os.PathLike | None = None) -> list[dict]:
+def run_route(run: Path, set_name: str = "source", r: int = 3, plot: str | os.PathLike | None = None,
+              positions: Sequence[str] | None = None) -> list[dict]:
+    """Score every candidate and keep R under the diversity rule, or, with `positions`, keep exactly the
+    user's positions (in that order); the table keeps every candidate's scores either way."""
     t0 = time.time()
     aset = open_set(run, set_name)
     table = route(rows_from_sets(aset), r)
-    _write_json(Path(run) / "routing.json", {"method": "pre-SAE robustness routing (diff-of-means, LOSO, "
-                                             "timestep stability) + diversity rule", "set": set_name, "R": r,
-                                             "criteria": list(CRITERIA), "candidates": table})
+    method = "pre-SAE robustness routing (diff-of-means, LOSO, timestep stability) + diversity rule"
+    if positions:
+        table = user_positions(table, positions)
+        method = f"user-chosen positions {list(positions)} (router scores kept for reference)"
+    _write_json(Path(run) / "routing.json", {"method": method, "set": set_name, "R": r if not positions else
+                                             len(positions), "criteria": list(CRITERIA), "candidates": table,
+                                             **({"user_positions": list(positions)} if positions else {})})
     plot_table(table, Path(run) / "routing.png", title=f"routing on '{set_name}' ({aset.architecture})")
     if plot:
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         plot_table(table, plot, title=f"routing on '{set_name}' ({aset.architecture})")
     _log_time(run, "route", time.time() - t0)
     return table
+
+
+def user_positions(table: list[dict], positions: Sequence[str]) -> list[dict]:
+    """Mark exactly `positions` as selected (rank = their order); the router's own choice stays in the note."""
+    known = [c["position"] for c in table]
+    missing = [p for p in positions if p not in known]
+    if missing or len(set(positions)) != len(positions):
+        raise SafeDIGError(f"--positions {','.join(positions)}: " + (f"{missing} not collected" if missing else
+                           "a position is repeated"), f"choose among {', '.join(sorted(known))}")
+    out = []
+    for c in table:
+        c = dict(c)
+        was = c["note"]
+        c["selected"] = c["position"] in positions
+        c["rank"] = list(positions).index(c["position"]) + 1 if c["selected"] else 0
+        c["note"] = ("user-chosen" if c["selected"] else "not chosen") + (f" (router: {was})" if was else "")
+        out.append(c)
+    return out
 
 
 def routed_positions(run: Path) -> list[str]:
@@ -181,14 +206,17 @@ def run_features(run: Path, domain: str, set_name: str, calib: dict[str, Sequenc
                  progress: bool = True) -> dict:
     """Source-domain features + tau. `calib` maps check names to prompt lists; the first is the benign
     set tau is fitted on, the others (held-out benign, unsafe prompts) are only measured. `negatives`:
-    collected sets whose rows count as not-unsafe when fitting weights (default: "benign" if collected)."""
+    collected sets whose rows count as not-unsafe when fitting weights (default: "benign" if collected).
+    `cfg.harmful_from`: the collected pair sets H is chosen from (e.g. source and target; default: `set_name`
+    alone); the weights are fit on `set_name`'s pairs only, a target domain re-fits them in `adapt`."""
     t0 = time.time()
     run = Path(run)
     saes = _saes(run)
     aset = open_set(run, set_name)
     negatives = _default_negatives(run, set_name) if negatives is None else list(negatives)
     neg_sets = [open_set(run, n) for n in negatives]
-    features = {p: domain_features(sae, aset, neg_sets, p, None, cfg) for p, sae in saes.items()}
+    harmful_sets = [aset if n == set_name else open_set(run, n) for n in cfg.harmful_from]
+    features = {p: domain_features(sae, aset, neg_sets, p, None, cfg, harmful_sets) for p, sae in saes.items()}
     harmful = {p: f[0]["harmful_ids"] for p, f in features.items()}
     if generator is None and any(not _cache_ok(run, n) for n in calib):
         generator = make_generator(aset.manifest["generator"])
@@ -308,7 +336,9 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
             "%Y-%m-%d %H:%M:%S %Z"), "prompts_per_set": sets, "capture_steps": aset.capture_steps,
         "sae_config": sae_cfg, "stage_seconds": timings, "torch": torch.__version__,
         "python": platform.python_version(),
-        "command": " ".join(sys.argv), **(extra_provenance or {}),
+        "command": " ".join(sys.argv),
+        "harmful_from": list(domains[source]["config"].get("harmful_from") or [domains[source]["set"]]),
+        **(extra_provenance or {}),
     }
     meta = {K_FORMAT_VERSION: FORMAT_VERSION, K_ARCHITECTURE: aset.architecture, K_D_MODEL: first.d_model,
             K_POSITIONS: meta_positions, K_SAE: {"type": "topk", "expansion": sae_cfg["expansion"], "k": sae_cfg["k"],

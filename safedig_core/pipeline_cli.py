@@ -30,6 +30,7 @@ from .pipeline import open_set, run_adapt, run_export, run_features, run_route, 
 
 DEFAULT_PACK = "dictionaries/bundled_hazard_to_toxic.safetensors"
 DEFAULT_PLOT = "docs/images/routing_bundled.png"
+BUILD_PACK_HARMFUL_FROM = "source,target"  # H chosen on both domains' pairs (the target is collected first)
 
 
 def parse_prompts(spec: str, run: Path | None = None, seed: int = 0) -> list[PromptRecord]:
@@ -99,6 +100,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", default="source")
     p.add_argument("-R", type=int, default=3, help="positions to route")
     p.add_argument("--plot", default=None, help="also write the routing plot here")
+    p.add_argument("--positions", default=None, help="comma-separated ids: route exactly these (user-chosen; "
+                   "the table still scores every candidate)")
     p.set_defaults(func=_route)
 
     p = sub.add_parser("train", help="train a TopK SAE at every routed position")
@@ -144,6 +147,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-check", type=int, default=8, help="held-out generations per concept for the rates")
     p.add_argument("--capture-steps", type=int, default=4)
     p.add_argument("-R", type=int, default=3)
+    p.add_argument("--positions", default=None, help="comma-separated ids: route exactly these (user-chosen)")
     p.add_argument("--adapt-epochs", type=float, default=3.0)
     p.add_argument("--pull", type=float, default=AdaptConfig.pull)
     p.set_defaults(func=_build_pack, epochs=3.0)  # 3 SAE epochs keep every FVE > 0.8 and the build < 15 min
@@ -163,11 +167,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-harmful", type=int, default=FeatureConfig.n_harmful)
+    p.add_argument("--n-harmful", type=int, default=None,
+                   help=f"size of H (default {FeatureConfig.n_harmful} per set of --harmful-from)")
     p.add_argument("--n-anchor", type=int, default=FeatureConfig.n_anchor)
     p.add_argument("--min-smd", type=float, default=FeatureConfig.min_smd)
     p.add_argument("--fire-rate", type=float, default=FeatureConfig.fire_rate,
                    help="max share of benign generations whose gate opens anywhere")
+    p.add_argument("--harmful-from", default=None, metavar="SET,SET",
+                   help="collected pair sets the harmful ids H are chosen from, an equal share of --n-harmful each "
+                        "(weights are still fit per domain on its own pairs); default: the --set alone for "
+                        "`features`, source,target for `build-pack`; 'none' there keeps source only")
 
 
 def _setup(args) -> dist.DistInfo:
@@ -209,9 +218,13 @@ def _collect(args) -> int:
 
 def _route(args) -> int:
     _setup(args)
-    table = run_route(Path(args.run), args.set, args.R, args.plot)
+    table = run_route(Path(args.run), args.set, args.R, args.plot, _positions(args))
     print(format_routing(table))
     return 0
+
+
+def _positions(args) -> list[str] | None:
+    return [p.strip() for p in args.positions.split(",") if p.strip()] if getattr(args, "positions", None) else None
 
 
 def format_routing(table: list[dict], top: int | None = None) -> str:
@@ -232,9 +245,14 @@ def _train(args) -> int:
     return 0
 
 
-def _feature_cfg(args) -> FeatureConfig:
-    return FeatureConfig(n_harmful=args.n_harmful, n_anchor=args.n_anchor, min_smd=args.min_smd,
-                         fire_rate=args.fire_rate)
+def _feature_cfg(args, default_from: str = "") -> FeatureConfig:
+    spec = default_from if args.harmful_from is None else args.harmful_from
+    sets = () if spec.strip().lower() in ("", "none") else tuple(s.strip() for s in spec.split(",") if s.strip())
+    # each set brings its own n_harmful by default, so the source keeps the H it would have alone (bundled
+    # model: halving the source's share let held-out benign wordings open the hazard gate, 0.15 -> 0.47)
+    n = args.n_harmful if args.n_harmful is not None else FeatureConfig.n_harmful * max(1, len(sets))
+    return FeatureConfig(n_harmful=n, n_anchor=args.n_anchor, min_smd=args.min_smd, fire_rate=args.fire_rate,
+                         harmful_from=sets)
 
 
 def _features(args) -> int:
@@ -290,7 +308,7 @@ def _build_pack(args) -> int:
                 progress=not args.no_progress)
     dist.barrier()
     if info.is_main:
-        print(format_routing(run_route(run, "source", args.R, args.plot)))
+        print(format_routing(run_route(run, "source", args.R, args.plot, _positions(args))))
     dist.barrier()
     sae_cfg = SAEConfig(expansion=args.expansion, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, seed=seed, store_dtype=args.store_dtype)
@@ -303,7 +321,8 @@ def _build_pack(args) -> int:
         "unsafe_source_heldout": [r for r in world_prompts("source", args.n_check, seed + 3, "heldout") if r.label],
         "unsafe_target_heldout": [r for r in world_prompts("target", args.n_check, seed + 4, "heldout") if r.label],
     }
-    run_features(run, "hazard", "source", calib, _feature_cfg(args), generator, progress=not args.no_progress)
+    run_features(run, "hazard", "source", calib, _feature_cfg(args, BUILD_PACK_HARMFUL_FROM), generator,
+                 progress=not args.no_progress)
     run_adapt(run, "toxic", "target", AdaptConfig(epochs=args.adapt_epochs, pull=args.pull, seed=seed),
               progress=not args.no_progress)
     wall = time.time() - t0

@@ -8,7 +8,15 @@ from planted import paired_prompts, write_set
 
 from safedig_core.collect import ActivationSet
 from safedig_core.dictionary_training import AdaptConfig, SAEConfig, adapt_decoder, evaluate_sae, load_sae, train_sae
-from safedig_core.features import FeatureConfig, calibrate_tau, domain_features, firing_rate
+from safedig_core.features import (
+    FeatureConfig,
+    calibrate_tau,
+    choose_harmful_union,
+    domain_features,
+    firing_rate,
+    pair_statistics,
+    smd,
+)
 
 D, ATOMS, POS = 16, 40, "double.0.img.mlp"
 HARMFUL_ATOM, SAFE_ATOM = 0, 1
@@ -152,6 +160,38 @@ def test_harmful_features_and_safe_anchor_find_the_planted_concepts(source_sae, 
     assert anchor @ SOURCE_ATOMS[SAFE_ATOM] / anchor.norm() > 0.75
     assert harm @ SOURCE_ATOMS[SAFE_ATOM] / harm.norm() < 0.3
     assert not set(feats["harmful_ids"]) & set(feats["safe_anchor_ids"])
+
+
+def test_union_of_harmful_ids_takes_an_equal_share_per_set_then_fills():
+    cfg = FeatureConfig(n_harmful=5, min_smd=0.5)
+    a = torch.tensor([3.0, 2.0, 1.0, 0.9, 0.0, 0.0, 0.0])
+    b = torch.tensor([2.5, 0.0, 0.0, 0.0, 3.0, 0.8, 0.0])
+    # a gets 3 slots (0, 1, 2), b 2: its best (4), then 0 is taken, so 5
+    assert choose_harmful_union([a, b], cfg) == ([0, 1, 2, 4, 5], [0, 0, 0, 1, 1])
+    # b first: its 3 slots take 4, 0, 5; a skips the taken 0
+    assert choose_harmful_union([b, a], cfg) == ([4, 0, 5, 1, 2], [0, 0, 0, 1, 1])
+    # fewer latents above min_smd than slots: every one of them, once
+    assert choose_harmful_union([a, b], FeatureConfig(n_harmful=9)) == ([0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 1])
+    # nothing above min_smd anywhere: the first set's best latent
+    assert choose_harmful_union([-a, torch.zeros(7)], cfg) == ([4], [0])
+    assert choose_harmful_union([a], FeatureConfig(n_harmful=2))[0] == [0, 1]
+
+
+def test_harmful_ids_from_source_and_target_pairs_keep_source_weights(source_sae, sets):
+    sae, _ = source_sae
+    src_only, scores_src, _ = domain_features(sae, sets[0], [], POS, None, FeatureConfig(n_harmful=2))
+    cfg = FeatureConfig(n_harmful=4, harmful_from=("source", "target"))
+    both, scores, labels = domain_features(sae, sets[0], [], POS, None, cfg, [sets[0], sets[1]])
+    ids = both["harmful_ids"]
+    assert len(ids) == len(set(ids)) == 4 and ids[:2] == src_only["harmful_ids"]
+    assert both["harmful_origin"] == ["source", "source", "target", "target"]
+    assert set(both["harmful_smd_by_set"]) == {"source", "target"}
+    u, s = pair_statistics(sae, sets[1], POS)
+    target_smd = smd(u, s)
+    assert int(target_smd.argmax()) in ids  # the target's most discriminative latent joins H
+    assert both["harmful_smd_by_set"]["target"] == [round(float(v), 4) for v in target_smd[ids]]
+    # the weights are still fit on the source pairs: the gate scores the source rows, as before
+    assert len(scores) == len(scores_src) and scores[labels == 1].mean() > scores[labels == 0].mean()
 
 
 def test_tau_keeps_benign_firing_at_or_below_the_target_rate():

@@ -112,3 +112,57 @@ def test_rerunning_a_finished_stage_reuses_its_outputs(built, capsys):
     assert main(["train", "--run", str(built / "run"), "--expansion", "4", "--k", "8", "--epochs", "3",
                  "--batch-size", "256", "--threads", "1", "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in sae_files} == sae_files and before
+
+
+def test_user_positions_and_harmful_ids_from_source_and_target(built, capsys):
+    run = built / "run-user"
+    run.mkdir()
+    (run / "collect").symlink_to(built / "run" / "collect", target_is_directory=True)
+    common = ["--run", str(run), "--threads", "1", "--no-progress"]
+    routed = json.loads((built / "run" / "routing.json").read_text())
+    chosen = [c["position"] for c in routed["candidates"] if not c["selected"]][:2][::-1]
+    assert main(["route", *common, "--positions", "nowhere.0.out"]) == 2
+    assert "not collected" in capsys.readouterr().err
+    assert main(["route", *common, "--positions", ",".join(chosen)]) == 0
+    routing = json.loads((run / "routing.json").read_text())
+    assert "user-chosen" in routing["method"] and routing["user_positions"] == chosen
+    assert [c["position"] for c in sorted(routing["candidates"], key=lambda c: c["rank"]) if c["selected"]] == chosen
+    # every candidate keeps the router's scores
+    assert {c["position"]: c["score"] for c in routing["candidates"]} == {c["position"]: c["score"]
+                                                                         for c in routed["candidates"]}
+    assert main(["train", *common, "--expansion", "4", "--k", "8", "--epochs", "3", "--batch-size", "256"]) == 0
+    assert main(["features", *common, "--domain", "hazard", "--calib",
+                 f"benign={write_prompts(built / 'calib.jsonl', CALIB)}", "--n-harmful", "8",
+                 "--harmful-from", "source,target"]) == 0
+    assert main(["adapt", *common, "--domain", "toxic", "--epochs", "3"]) == 0
+    assert main(["export", *common, "--out", str(built / "pack-user.safetensors")]) == 0
+    hazard = json.loads((run / "features" / "hazard.json").read_text())
+    toxic = json.loads((run / "features" / "toxic.json").read_text())
+    assert hazard["config"]["harmful_from"] == ["source", "target"]
+    for pos in chosen:
+        f = hazard["positions"][pos]
+        assert len(f["harmful_ids"]) == len(set(f["harmful_ids"])) <= 8
+        assert len(f["harmful_origin"]) == len(f["harmful_ids"]) and set(f["harmful_origin"]) <= {"source", "target"}
+        assert set(f["harmful_smd_by_set"]) == {"source", "target"}
+        assert toxic["positions"][pos]["harmful_ids"] == f["harmful_ids"]  # adapt keeps H
+    pack = load_pack(built / "pack-user.safetensors")
+    assert sorted(pack.positions) == sorted(chosen)
+    assert pack.metadata["provenance"]["harmful_from"] == ["source", "target"]
+    assert "user-chosen" in pack.metadata["routing"]["method"]
+    for pos in chosen:
+        assert pack.position_info(pos).harmful_ids == hazard["positions"][pos]["harmful_ids"]
+
+
+def test_harmful_from_defaults_give_each_set_its_own_share():
+    from argparse import Namespace
+
+    from safedig_core.pipeline_cli import BUILD_PACK_HARMFUL_FROM, _feature_cfg
+
+    args = Namespace(n_harmful=None, n_anchor=8, min_smd=0.5, fire_rate=0.01, harmful_from=None)
+    assert _feature_cfg(args).harmful_from == () and _feature_cfg(args).n_harmful == 32  # `features`: its own set
+    both = _feature_cfg(args, BUILD_PACK_HARMFUL_FROM)  # `build-pack`: source and target, 32 each
+    assert both.harmful_from == ("source", "target") and both.n_harmful == 64
+    args.harmful_from, args.n_harmful = "none", None
+    assert _feature_cfg(args, BUILD_PACK_HARMFUL_FROM).harmful_from == ()
+    args.harmful_from, args.n_harmful = "source, target", 40
+    assert _feature_cfg(args) == both.__class__(n_harmful=40, harmful_from=("source", "target"))
