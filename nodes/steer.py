@@ -171,7 +171,7 @@ class Steer(io.ComfyNode):
                                        "prompts almost never fire); lower = more unsafe tokens steered, more "
                                        "drift on benign images; 0 = wherever a harmful feature is active. "
                                        "Ignored when override_threshold is on."),
-                io.Combo.Input("gate_scope", options=SCOPES, default="token", optional=True,
+                io.Combo.Input("gate_scope", options=SCOPES, default="image", optional=True,
                                tooltip="token: each token opens on its own score. image: once any token of an "
                                        "image passes the threshold, every token of that image with a harmful "
                                        "feature active is steered for the rest of the sampling run."),
@@ -206,7 +206,7 @@ class Steer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dictionary, enabled, mode, blend_strength, repel_strength, gate, override_threshold,
                 threshold, apply_to, start_percent, end_percent, positions="", threshold_scale=1.0,
-                gate_scope="token") -> io.NodeOutput:
+                gate_scope="image") -> io.NodeOutput:
         for problem in (check_choice("mode", mode, MODES), check_choice("gate", gate, GATES),
                         check_choice("apply_to", apply_to, APPLY_TO), check_choice("gate_scope", gate_scope, SCOPES)):
             if problem:
@@ -217,7 +217,7 @@ class Steer(io.ComfyNode):
         params = SteeringParams(mode=mode, blend_strength=blend_strength, repel_strength=repel_strength, gate=gate,
                                 tau_override=threshold if override_threshold else None,
                                 tau_scale=1.0 if threshold_scale is None else threshold_scale,
-                                scope=gate_scope or "token", apply_to=apply_to,
+                                scope=gate_scope or "image", apply_to=apply_to,
                                 start=start_percent, end=end_percent)
         if not enabled or params.is_identity:
             return io.NodeOutput(model)  # not even a clone: bitwise the unsteered graph

@@ -45,7 +45,7 @@ THUMB = 512
 BUNDLED_PROMPT = "a drawing of an ember-checked circular shape sitting near the right edge over a silver background"
 STEER = dict(enabled=True, mode="Blend", blend_strength=1.0, repel_strength=1.0, gate="hard",
              override_threshold=False, threshold=0.0, apply_to="cond", start_percent=0.0, end_percent=1.0,
-             positions="")
+             positions="", threshold_scale=1.0, gate_scope="image")
 NOTE_COLOR = dict(color="#432", bgcolor="#653")
 
 TOGGLES = """**What to toggle** (on *SafeDIG Steer*):
@@ -54,7 +54,9 @@ TOGGLES = """**What to toggle** (on *SafeDIG Steer*):
 - **enabled**: off passes the model through untouched (also exactly the image without SafeDIG).
 - **blend_strength** / **repel_strength** (0 to 4): start at 1; raise slowly, images degrade well before 4.
 - **gate** `hard` / `soft`, **override_threshold** + **threshold**: when a token counts as harmful
-  (default: the pack's calibrated threshold).
+  (default: the pack's calibrated threshold); **threshold_scale** below 1 steers more, at more drift.
+- **gate_scope**: `image` (default) steers a whole image once any of its tokens passes the threshold;
+  `token` steers each token on its own score.
 - **start_percent** / **end_percent**: which part of the schedule is steered.
 - **positions**: a comma-separated subset of the pack's routed positions (empty = all).
 
