@@ -28,6 +28,7 @@ from safedig_core.dictionary_training import AdaptConfig, SAEConfig  # noqa: E40
 from safedig_core.features import FeatureConfig  # noqa: E402
 from safedig_core.generators import BundledGenerator  # noqa: E402
 from safedig_core.pipeline import run_adapt, run_export, run_features, run_train  # noqa: E402
+from safedig_core.pipeline_cli import BUILD_PACK_HARMFUL_FROM  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "ablation_packs"
 
@@ -50,7 +51,7 @@ def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
     (run / "collect").symlink_to((main_run / "collect").resolve(), target_is_directory=True)
     for c in routing["candidates"]:
         c["selected"] = c["position"] in chosen
-        c["rank"] = chosen.index(c["position"]) + 1 if c["selected"] else None
+        c["rank"] = chosen.index(c["position"]) + 1 if c["selected"] else 0
         c["note"] = f"{kind} (ablation, not routed)" if c["selected"] else ""
     routing["method"] = f"ablation: {kind}, no routing (positions {chosen})"
     (run / "routing.json").write_text(json.dumps(routing, indent=1))
@@ -62,7 +63,10 @@ def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
         "benign": world_prompts("benign", 50, seed + 1),
         "benign_heldout": world_prompts("benign", 16, seed + 2, "heldout"),
     }
-    run_features(run, "hazard", "source", calib, FeatureConfig(), generator)
+    # H as build-pack chooses it: n_harmful latents from each domain's pairs
+    sets = tuple(BUILD_PACK_HARMFUL_FROM.split(","))
+    run_features(run, "hazard", "source", calib, FeatureConfig(n_harmful=FeatureConfig.n_harmful * len(sets),
+                                                               harmful_from=sets), generator)
     run_adapt(run, "toxic", "target", AdaptConfig(seed=seed))
     OUT.mkdir(parents=True, exist_ok=True)
     return run_export(run, OUT / f"{kind}.safetensors", {"ablation": kind})
