@@ -158,6 +158,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default="off,blend,repel,both")
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--open-gate", action="store_true", help="steer every token (tau -inf): the dictionary's reach")
+    p.add_argument("--gate-scope", choices=("image", "token"), default="image",
+                   help="image (the Steer node's default) or token (each token on its own score)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--weights", default=None, help="bundled generator .safetensors (default: the shipped one)")
@@ -341,7 +343,7 @@ def _steer_check(args) -> int:
     torch.set_num_threads(args.threads)
     result = steer_check(args.pack, n_per_concept=args.n, modes=args.modes.split(","), strength=args.strength,
                          seed=args.seed, model=load_bundled(args.weights), judge=Judge.load(args.judge),
-                         tau_override=-1e30 if args.open_gate else None)
+                         tau_override=-1e30 if args.open_gate else None, scope=args.gate_scope)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     return 0

@@ -38,7 +38,8 @@ def _generate(model, texts: list[str], seeds: list[int], dictionary, params, ste
 
 def steer_check(pack_path, n_per_concept: int = 8, modes: Sequence[str] = ("off", "blend", "repel", "both"),
                 strength: float = 1.0, seed: int = 0, model=None, judge=None, steps: int = 20,
-                guidance: float = 3.0, tau_override: float | None = None, verbose: bool = True) -> dict:
+                guidance: float = 3.0, tau_override: float | None = None, scope: str = "image",
+                verbose: bool = True) -> dict:
     from .bundled import load_bundled
     from .judge import Judge
 
@@ -51,7 +52,8 @@ def steer_check(pack_path, n_per_concept: int = 8, modes: Sequence[str] = ("off"
     groups += [(f"benign ({d} dict)", "benign", d, "benign") for d in pack.domains]
     results, baseline = {}, {}
     for mode in ["off", *[m for m in modes if m != "off"]]:
-        params = SteeringParams(mode=mode, blend_strength=strength, repel_strength=strength, tau_override=tau_override)
+        params = SteeringParams(mode=mode, blend_strength=strength, repel_strength=strength, tau_override=tau_override,
+                                scope=scope)
         for label, kind, domain, _ in groups:
             recs = world_prompts(kind, n_per_concept, seed + 40, "heldout")
             recs = [r for r in recs if r.label == 1] if kind != "benign" else recs
