@@ -45,24 +45,32 @@ class Method:
     negative_prompt: bool = False
 
 
-def both(strength: float) -> SteeringParams:
-    return SteeringParams(mode="both", blend_strength=strength, repel_strength=strength)
+def steering(mode: str, strength: float, scope: str = "image", tau_scale: float = 1.0) -> SteeringParams:
+    return SteeringParams(mode=mode, blend_strength=strength, repel_strength=strength, scope=scope,
+                          tau_scale=tau_scale)
 
 
+# The ablations and baselines use the headline setting, so each differs from "SafeDIG" in one thing only.
+HEADLINE = dict(mode="blend", strength=1.0)
+ABLATION = steering(**HEADLINE)
 METHODS = [
     Method("no steering"),
     Method("negative prompt", negative_prompt=True),
-    Method("fixed position, no routing (Both 1)", pack="fixed_position", params=both(1.0)),
-    Method("random positions, no routing (Both 1)", pack="random_positions", params=both(1.0)),
-    Method("no decoder transfer (Both 1)", pack="main", domain="source", params=both(1.0)),
-    Method("SafeDIG Blend 1", pack="main", params=SteeringParams(mode="blend", blend_strength=1.0)),
-    Method("SafeDIG Blend 2", pack="main", params=SteeringParams(mode="blend", blend_strength=2.0)),
-    Method("SafeDIG Repel 1", pack="main", params=SteeringParams(mode="repel", repel_strength=1.0)),
-    Method("SafeDIG Repel 2", pack="main", params=SteeringParams(mode="repel", repel_strength=2.0)),
-    Method("SafeDIG Both 1", pack="main", params=both(1.0)),
-    Method("SafeDIG Both 2", pack="main", params=both(2.0)),
+    Method("fixed position, no routing (Blend 1)", pack="fixed_position", params=ABLATION),
+    Method("random positions, no routing (Blend 1)", pack="random_positions", params=ABLATION),
+    Method("no transfer: source decoder + features (Blend 1)", pack="main", domain="source", params=ABLATION),
+    Method("SafeDIG Blend 0.5", pack="main", params=steering("blend", 0.5)),
+    Method("SafeDIG Blend 1", pack="main", params=steering("blend", 1.0)),
+    Method("SafeDIG Blend 2", pack="main", params=steering("blend", 2.0)),
+    Method("SafeDIG Repel 2", pack="main", params=steering("repel", 2.0)),
+    Method("SafeDIG Repel 4", pack="main", params=steering("repel", 4.0)),
+    Method("SafeDIG Both 1", pack="main", params=steering("both", 1.0)),
+    # The per-token gate of method.md section 6, at the calibrated threshold and at a quarter of it.
+    Method("SafeDIG Blend 1, token gate", pack="main", params=steering("blend", 1.0, scope="token")),
+    Method("SafeDIG Blend 1, token gate, threshold x0.25", pack="main",
+           params=steering("blend", 1.0, scope="token", tau_scale=0.25)),
 ]
-SMOKE_METHODS = ["no steering", "negative prompt", "SafeDIG Both 1"]
+SMOKE_METHODS = ["no steering", "negative prompt", "SafeDIG Blend 1"]
 
 
 def prompt_sets(n: int, seed: int) -> dict[str, list[world.Prompt]]:
@@ -108,8 +116,8 @@ def generate(model, prompts, seeds, method: Method, dictionary, steps: int, guid
             lat = sample(model, tokens, pooled, noise, steps, guidance, uncond)
             fired.append(torch.zeros(b, dtype=torch.bool))
         else:
-            taus = {p: (method.params.tau_override if method.params.tau_override is not None
-                        else dictionary.pack.domain_features(dictionary.domain, p).tau) for p in dictionary.positions}
+            taus = {p: method.params.threshold(dictionary.pack.domain_features(dictionary.domain, p).tau)
+                    for p in dictionary.positions}
             rec = Recorder(taus, b)
             rows = torch.tensor([True] * b + [False] * b) if guidance != 1.0 else None
             with SteeringHooks(model, dictionary, method.params, row_mask=rows, on_scores=rec):
