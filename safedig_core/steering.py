@@ -7,6 +7,11 @@ At a routed position, per token of the rows being steered:
     Blend:  z_safe = z with z_H := 0, plus the safe anchor a;  x' = x + alpha * s * (D(z_safe) - D(z))
     Both:   Blend, then Repel on the blended activation
 
+tau is the pack's calibrated threshold times tau_scale (or an override). With the image scope (an
+addition to method.md: its per-token gate at the calibrated threshold opened on too few tokens of an
+unsafe image to change it), an image whose score passes tau anywhere is latched, and from then on every
+token of it with g > 0 is steered.
+
 Tokens whose gate stays closed are returned bitwise unchanged. Because TopK only zeroes
 pre-activations, g <= sum_j w_j ReLU(pre_j) for non-negative weights: that cheap bound, computed from the
 |H| harmful rows of W_enc alone, rules out most tokens before the full encoder runs on the rest.
