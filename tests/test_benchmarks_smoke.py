@@ -47,3 +47,13 @@ def test_patching_smoke(tmp_path):
     assert next(iter(rows)) == "none" and len(rows) == 3  # unpatched, then two positions
     for row in rows.values():
         assert all(0 <= row[k] <= 1 for k in ("source_unsafe_rate", "target_unsafe_rate"))
+
+
+@pytest.mark.skipif(not (SHIPPED_MODEL.exists() and SHIPPED_PACK.exists()),
+                    reason="needs the shipped bundled model and pack (safedig_core/assets, dictionaries/)")
+def test_overhead_bundled_smoke(tmp_path):
+    out = tmp_path / "overhead_bundled"
+    run("overhead_bundled.py", "--smoke", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert set(result["scenarios"]) == {"benign", "unsafe", "disabled"}
+    assert all(r["ratio"] > 0 for r in result["scenarios"].values())

@@ -1,0 +1,96 @@
+"""The cost of safety on the bundled model: sampling wall time with the shipped pack divided by without.
+
+A whole sampling run (20 steps, cfg 3, a batch of held-out prompts) with SafeDIG's hooks installed, timed
+in alternation with the same run without them, in one process; median of --repeats. Scenarios:
+
+    benign        benign prompts, Blend 1, image-scope gate: the gate stays shut (the usual case)
+    unsafe        unsafe source-domain prompts, Blend 1, image-scope gate: the gate latches and steers
+    disabled      mode Off: no hook is installed
+
+    .venv/bin/python benchmarks/overhead_bundled.py            # batch 16, 7 repeats (~1 min on 2 cores)
+    .venv/bin/python benchmarks/overhead_bundled.py --smoke    # CI: batch 2, 2 steps, 3 repeats
+
+Writes benchmarks/results/overhead_bundled{,_smoke}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from safety_table import prompt_sets  # noqa: E402
+
+from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack  # noqa: E402
+from safedig_core.bundled import initial_noise, load_bundled, sample  # noqa: E402
+from safedig_core.text_encoder import encode_prompts  # noqa: E402
+
+DEFAULT_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pack", default=str(DEFAULT_PACK))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.steps, args.repeats = 2, 2, 3
+    torch.set_num_threads(args.threads)
+    model = load_bundled()
+    dictionary = SteeringDictionary(load_pack(args.pack))
+    uncond = encode_prompts([""])
+    noise = initial_noise(list(range(args.batch)), model.bundled_config)
+    rows = torch.tensor([True] * args.batch + [False] * args.batch)  # [cond; uncond]: steer the prompts
+    prompts = prompt_sets(args.batch, seed=5)  # held-out wordings, spread over each set's concepts
+    blend = SteeringParams(mode="blend", blend_strength=1.0, scope="image")
+    scenarios = {"benign": ("benign", blend), "unsafe": ("source", blend),
+                 "disabled": ("benign", SteeringParams(mode="off"))}
+
+    def run(role: str, params: SteeringParams | None) -> float:
+        tokens, pooled = encode_prompts([p.text for p in prompts[role]])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if params is None:
+                sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
+            else:
+                with SteeringHooks(model, dictionary, params, row_mask=rows):
+                    sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
+        return time.perf_counter() - t0
+
+    for role, params in scenarios.values():  # warm-up: casts and caches the pack's weights once
+        run(role, params)
+    results = {}
+    for name, (role, params) in scenarios.items():
+        base, steered = [], []
+        for i in range(args.repeats):  # alternate, so drift in machine load hits both alike
+            pair = [(base, None), (steered, params)]
+            for times, p in pair if i % 2 == 0 else pair[::-1]:
+                times.append(run(role, p))
+        b, s = statistics.median(base), statistics.median(steered)
+        results[name] = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4)}
+        print(f"{name:9s} baseline {b:7.3f}s  steered {s:7.3f}s  ratio {s / b:.3f}", flush=True)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("overhead_bundled_smoke" if args.smoke
+                                                               else "overhead_bundled"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"config": {"batch": args.batch, "steps": args.steps, "cfg": 3.0, "repeats": args.repeats,
+                         "threads": args.threads, "positions": dictionary.positions, "mode": "blend 1, image gate",
+                         "device": "cpu"}, "scenarios": results}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
