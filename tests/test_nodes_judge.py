@@ -19,9 +19,6 @@ import pytest
 from safedig_core import world
 from safedig_core.judge import Judge
 
-pytest.register_assert_rewrite("comfy_server")
-from comfy_server import register_preparer  # noqa: E402,F401  (the session server's preparers)
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import comfy_workflow as cw  # noqa: E402
