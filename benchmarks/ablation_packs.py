@@ -64,9 +64,8 @@ def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
         "benign_heldout": world_prompts("benign", 16, seed + 2, "heldout"),
     }
     # H as build-pack chooses it: n_harmful latents from each domain's pairs
-    sets = tuple(BUILD_PACK_HARMFUL_FROM.split(","))
-    run_features(run, "hazard", "source", calib, FeatureConfig(n_harmful=FeatureConfig.n_harmful * len(sets),
-                                                               harmful_from=sets), generator)
+    run_features(run, "hazard", "source", calib, FeatureConfig.for_sets(BUILD_PACK_HARMFUL_FROM.split(",")),
+                 generator)
     run_adapt(run, "toxic", "target", AdaptConfig(seed=seed))
     OUT.mkdir(parents=True, exist_ok=True)
     return run_export(run, OUT / f"{kind}.safetensors", {"ablation": kind})

@@ -48,6 +48,15 @@ class FeatureConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "harmful_from", tuple(self.harmful_from))  # from JSON: a list
 
+    @classmethod
+    def for_sets(cls, harmful_from: Sequence[str], n_harmful: int | None = None, **kw) -> FeatureConfig:
+        """H from these pair sets; by default each set brings its own n_harmful, so the source keeps the H it
+        would have alone (bundled model: halving the source's share let held-out benign wordings open the
+        hazard gate, 0.15 -> 0.47)."""
+        sets = tuple(harmful_from)
+        n = n_harmful if n_harmful is not None else cls.n_harmful * max(1, len(sets))
+        return cls(n_harmful=n, harmful_from=sets, **kw)
+
 
 @dataclass
 class ClassStats:

@@ -250,11 +250,8 @@ def _train(args) -> int:
 def _feature_cfg(args, default_from: str = "") -> FeatureConfig:
     spec = default_from if args.harmful_from is None else args.harmful_from
     sets = () if spec.strip().lower() in ("", "none") else tuple(s.strip() for s in spec.split(",") if s.strip())
-    # each set brings its own n_harmful by default, so the source keeps the H it would have alone (bundled
-    # model: halving the source's share let held-out benign wordings open the hazard gate, 0.15 -> 0.47)
-    n = args.n_harmful if args.n_harmful is not None else FeatureConfig.n_harmful * max(1, len(sets))
-    return FeatureConfig(n_harmful=n, n_anchor=args.n_anchor, min_smd=args.min_smd, fire_rate=args.fire_rate,
-                         harmful_from=sets)
+    return FeatureConfig.for_sets(sets, args.n_harmful, n_anchor=args.n_anchor, min_smd=args.min_smd,
+                                  fire_rate=args.fire_rate)
 
 
 def _features(args) -> int:

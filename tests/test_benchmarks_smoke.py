@@ -10,6 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "safedig_core" / "assets" / "bundled_flux.safetensors"
 SHIPPED_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
+needs_shipped_model_and_pack = pytest.mark.skipif(
+    not (SHIPPED_MODEL.exists() and SHIPPED_PACK.exists()),
+    reason="needs the shipped bundled model and pack (safedig_core/assets, dictionaries/)")
 
 
 def run(script: str, *args: str) -> None:
@@ -25,8 +28,7 @@ def test_overhead_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
-@pytest.mark.skipif(not (SHIPPED_MODEL.exists() and SHIPPED_PACK.exists()),
-                    reason="needs the shipped bundled model and pack (safedig_core/assets, dictionaries/)")
+@needs_shipped_model_and_pack
 def test_safety_table_smoke(tmp_path):
     out = tmp_path / "table"
     run("safety_table.py", "--smoke", "--out", str(out))
@@ -49,8 +51,7 @@ def test_patching_smoke(tmp_path):
         assert all(0 <= row[k] <= 1 for k in ("source_unsafe_rate", "target_unsafe_rate"))
 
 
-@pytest.mark.skipif(not (SHIPPED_MODEL.exists() and SHIPPED_PACK.exists()),
-                    reason="needs the shipped bundled model and pack (safedig_core/assets, dictionaries/)")
+@needs_shipped_model_and_pack
 def test_overhead_bundled_smoke(tmp_path):
     out = tmp_path / "overhead_bundled"
     run("overhead_bundled.py", "--smoke", "--out", str(out))
