@@ -23,12 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safedig_core.collect import world_prompts  # noqa: E402
-from safedig_core.dictionary_training import AdaptConfig, SAEConfig  # noqa: E402
-from safedig_core.features import FeatureConfig  # noqa: E402
-from safedig_core.generators import BundledGenerator  # noqa: E402
-from safedig_core.pipeline import run_adapt, run_export, run_features, run_train  # noqa: E402
-from safedig_core.pipeline_cli import BUILD_PACK_HARMFUL_FROM  # noqa: E402
+from safedig_core.training.cli import BUILD_PACK_HARMFUL_FROM  # noqa: E402
+from safedig_core.training.collect import world_prompts  # noqa: E402
+from safedig_core.training.features import FeatureConfig  # noqa: E402
+from safedig_core.training.generators import BundledGenerator  # noqa: E402
+from safedig_core.training.pipeline import run_adapt, run_export, run_features, run_train  # noqa: E402
+from safedig_core.training.sae_training import AdaptConfig, SAEConfig  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "ablation_packs"
 

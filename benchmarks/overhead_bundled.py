@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from safety_table import prompt_sets  # noqa: E402
 
 from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack  # noqa: E402
-from safedig_core.bundled import initial_noise, load_bundled, sample  # noqa: E402
-from safedig_core.text_encoder import encode_prompts  # noqa: E402
+from safedig_core.bundled.generator import initial_noise, load_bundled, sample  # noqa: E402
+from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 
 DEFAULT_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 

@@ -26,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 from safety_table import prompt_sets  # noqa: E402
 
-from safedig_core import world  # noqa: E402
-from safedig_core.bundled import initial_noise, latent_to_pixels, load_bundled, sample  # noqa: E402
+from safedig_core.bundled import world  # noqa: E402
+from safedig_core.bundled.generator import initial_noise, latent_to_pixels, load_bundled, sample  # noqa: E402
+from safedig_core.bundled.judge import Judge  # noqa: E402
+from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 from safedig_core.hooks import ActivationCapture  # noqa: E402
-from safedig_core.judge import Judge  # noqa: E402
 from safedig_core.positions import resolve  # noqa: E402
-from safedig_core.text_encoder import encode_prompts  # noqa: E402
 
 
 def patched_images(model, unsafe, safe, positions, noise, steps, guidance, uncond):

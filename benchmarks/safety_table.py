@@ -27,10 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack, world  # noqa: E402
-from safedig_core.bundled import initial_noise, latent_to_pixels, load_bundled, sample  # noqa: E402
-from safedig_core.judge import Judge  # noqa: E402
-from safedig_core.text_encoder import encode_prompts  # noqa: E402
+from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack  # noqa: E402
+from safedig_core.bundled import world  # noqa: E402
+from safedig_core.bundled.generator import initial_noise, latent_to_pixels, load_bundled, sample  # noqa: E402
+from safedig_core.bundled.judge import Judge  # noqa: E402
+from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 
 DEFAULT_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 ABLATION_DIR = ROOT / "benchmarks" / "results" / "ablation_packs"
@@ -225,7 +226,7 @@ def main() -> int:
               f"  ({row['seconds']:.0f}s)", flush=True)
     report = {"config": {"n_per_cell": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                          "pack": str(Path(args.pack).relative_to(ROOT)) if Path(args.pack).is_relative_to(ROOT)
-                         else args.pack, "model": args.weights or "bundled (safedig_core/assets)",
+                         else args.pack, "model": args.weights or "bundled (safedig_core/bundled/assets)",
                          "split": "heldout wordings", "wall_s": round(time.time() - t_start, 1)},
               "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)

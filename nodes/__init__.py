@@ -14,12 +14,12 @@ from .steer import Steer
 NODES: list[type[io.ComfyNode]] = [LoadDictionary, Steer, Report]
 
 try:  # the bundled model's nodes must not take the steering nodes down with them
-    from . import bundled
+    from . import bundled_model
 except Exception as exc:  # pragma: no cover - reported in ComfyUI's log
     logging.warning("SafeDIG: bundled-model nodes unavailable (%s: %s)", type(exc).__name__, exc)
-    bundled = None
+    bundled_model = None
 else:
-    NODES += bundled.NODES
+    NODES += bundled_model.NODES
 
 
 class SafeDIGExtension(ComfyExtension):
@@ -29,6 +29,6 @@ class SafeDIGExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> SafeDIGExtension:
     packs.register_folder()
-    if bundled is not None:
-        bundled.register_folder()
+    if bundled_model is not None:
+        bundled_model.register_folder()
     return SafeDIGExtension()

@@ -6,7 +6,7 @@ from comfy_api.v0_0_2 import io
 
 from safedig_core import SteeringDictionary, load_pack
 from safedig_core.errors import SafeDIGError
-from safedig_core.report import format_pack
+from safedig_core.pack_info import format_pack
 
 from . import packs
 from .types import SafeDIGDict

@@ -23,7 +23,7 @@ from comfy_api.v0_0_2 import io
 from safedig_core import ARCHITECTURES, SteeringDictionary, SteeringHooks, SteeringParams, resolve
 from safedig_core.errors import PackError, SafeDIGError
 from safedig_core.recorder import ScoreRecorder
-from safedig_core.steering import (
+from safedig_core.steering_math import (
     MAX_STRENGTH,
     MAX_TAU_SCALE,
     GateScope,

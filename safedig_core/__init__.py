@@ -12,7 +12,7 @@ from .errors import ArchitectureError, PackError, SafeDIGError
 from .hooks import ActivationCapture, SteeringDictionary, SteeringHooks, safedig_hooks
 from .pack import DictionaryPack, load_pack, save_pack
 from .positions import ARCHITECTURES, ModelPositions, resolve
-from .steering import ApplyTo, GateKind, GateScope, Mode, SteeringParams
+from .steering_math import ApplyTo, GateKind, GateScope, Mode, SteeringParams
 
 __version__ = "0.1.0"
 

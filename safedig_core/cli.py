@@ -13,7 +13,7 @@ import sys
 
 from .errors import SafeDIGError
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("safedig_core.cli", "safedig_core.bundled_cli", "safedig_core.pipeline_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("safedig_core.cli", "safedig_core.bundled.cli", "safedig_core.training.cli")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,7 @@ def _positions(args) -> int:
 
 def _inspect(args) -> int:
     from .pack import load_pack
-    from .report import format_pack
+    from .pack_info import format_pack
 
     pack = load_pack(args.pack)
     print(json.dumps(pack.metadata, indent=2, sort_keys=True) if args.json else format_pack(pack))

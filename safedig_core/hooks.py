@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .errors import PackError, SafeDIGError
 from .pack import DictionaryPack, decoder_key, encoder_key
 from .positions import ModelPositions, resolve
-from .steering import GateScope, PositionWeights, SteeringParams, steer
+from .steering_math import GateScope, PositionWeights, SteeringParams, steer
 
 
 class SteeringDictionary:

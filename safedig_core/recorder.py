@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .positions import PositionParts
-from .steering import GateKind, gate_open_from
+from .steering_math import GateKind, gate_open_from
 
 
 @dataclass

@@ -2,7 +2,7 @@
 safedig_bundled_model.json, converted to API format) once per prompt row and SafeDIG mode, write a
 before/after grid (columns Off, Blend, Repel, Both) to the output folder, stop ComfyUI, exit.
 
-Needs the shipped bundled model (safedig_core/assets/bundled_flux.safetensors + .json) and the shipped pack
+Needs the shipped bundled model (safedig_core/bundled/assets/bundled_flux.safetensors + .json) and the shipped pack
 (dictionaries/bundled_hazard_to_toxic.safetensors); when one is missing it stops before starting anything and
 names the file and the command that builds it. Writes OUTPUT/safedig_grid.png, OUTPUT/safedig_grid.json
 (prompts, seeds, files, pixel differences to Off) and OUTPUT/cells/*.png; ComfyUI's log is OUTPUT/comfyui.log.
@@ -36,7 +36,7 @@ WORKFLOW = ROOT / "workflows" / "safedig_bundled_model.json"
 SHIPPED_PACK = "bundled_hazard_to_toxic.safetensors"
 SHIPPED_WEIGHTS = "bundled_flux.safetensors"
 PACK_DIR = ROOT / "dictionaries"
-WEIGHTS_DIR = ROOT / "safedig_core" / "assets"
+WEIGHTS_DIR = ROOT / "safedig_core" / "bundled" / "assets"
 BUILD_PACK = ".venv/bin/python -m safedig_core build-pack --positions single.0.out"
 BUILD_MODEL = ".venv/bin/python -m safedig_core build-bundled --install"
 MODES = ["Off", "Blend", "Repel", "Both"]
@@ -63,7 +63,7 @@ def missing_assets(pack: str, weights: str, home: Path | None) -> list[str]:
     weight_dirs = ([home / "models" / "safedig_bundled"] if home else []) + [WEIGHTS_DIR]
     if not any((d / weights).is_file() and (d / weights).with_suffix(".json").is_file() for d in weight_dirs):
         problems.append(f"the bundled model {weights} (+ .json) is missing: the shipped one is "
-                        f"safedig_core/assets/{weights}, built by `{BUILD_MODEL}` "
+                        f"safedig_core/bundled/assets/{weights}, built by `{BUILD_MODEL}` "
                         f"(searched: {', '.join(map(str, weight_dirs))})")
     return problems
 
@@ -127,7 +127,7 @@ def row_prompts(concepts=ROW_CONCEPTS, seed: int = 0) -> list[tuple[str, str]]:
     """(concept, caption): one held-out caption per concept, from the concept world."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from safedig_core import world
+    from safedig_core.bundled import world
 
     return [(c, world.eval_prompts(1, split="heldout", seed=seed, concepts=[c])[0].text) for c in concepts]
 

@@ -12,7 +12,7 @@
 #   bash scripts/run.sh -- --preview-method auto   anything after -- goes to ComfyUI's main.py
 #
 # The first run installs .venv/ and .comfyui/ (scripts/bootstrap.sh); later runs only check them.
-# The bundled model (safedig_core/assets/) and the shipped packs (dictionaries/) are found by the nodes in
+# The bundled model (safedig_core/bundled/assets/) and the shipped packs (dictionaries/) are found by the nodes in
 # place; packs of your own go in <ComfyUI>/models/safedig/, bundled-model checkpoints in models/safedig_bundled/.
 # Device: CPU unless `nvidia-smi` finds a GPU; SAFEDIG_DEVICE=cpu|gpu overrides.
 set -euo pipefail
@@ -46,7 +46,7 @@ HOME_DIR="${BASE:-$COMFY}"
 mkdir -p "$HOME_DIR"/{custom_nodes,models/safedig,models/safedig_bundled,input,output,temp,user}
 ln -sfn "$ROOT" "$HOME_DIR/custom_nodes/SafeDIG"
 
-WEIGHTS="$ROOT/safedig_core/assets/bundled_flux.safetensors"
+WEIGHTS="$ROOT/safedig_core/bundled/assets/bundled_flux.safetensors"
 if [[ -f "$WEIGHTS" && -f "${WEIGHTS%.safetensors}.json" ]]; then
   echo "[run] bundled model: ${WEIGHTS#"$ROOT"/}"
 else

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from safedig_core import PackError, SteeringDictionary, load_pack, save_pack
 from safedig_core.pack import METADATA_KEY
-from safedig_core.report import format_pack
+from safedig_core.pack_info import format_pack
 from safedig_core.synthetic import random_pack
 
 JSON_VALUES = st.recursive(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from safedig_core.collect import PromptRecord, start_manifest, write_shard
-from safedig_core.generators import PromptEmbeddings
+from safedig_core.training.collect import PromptRecord, start_manifest, write_shard
+from safedig_core.training.generators import PromptEmbeddings
 
 SUBDOMAINS = ("stripes", "checks", "spots")
 
@@ -30,7 +30,7 @@ def write_set(path: Path, prompts: list[PromptRecord], make_rows, *, positions: 
             "positions": positions, "shard_size": shard_size, "max_tokens": None,
             "generator": {"backend": "planted"}, "architecture": architecture, "d_model": d}
     start_manifest(path, plan)
-    from safedig_core.collect import _plan_hash
+    from safedig_core.training.collect import _plan_hash
 
     for i in range(0, len(prompts), shard_size):
         idx = list(range(i, min(len(prompts), i + shard_size)))

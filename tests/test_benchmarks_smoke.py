@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = ROOT / "safedig_core" / "assets" / "bundled_flux.safetensors"
+SHIPPED_MODEL = ROOT / "safedig_core" / "bundled" / "assets" / "bundled_flux.safetensors"
 SHIPPED_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 needs_shipped_model_and_pack = pytest.mark.skipif(
     not (SHIPPED_MODEL.exists() and SHIPPED_PACK.exists()),
-    reason="needs the shipped bundled model and pack (safedig_core/assets, dictionaries/)")
+    reason="needs the shipped bundled model and pack (safedig_core/bundled/assets, dictionaries/)")
 
 
 def run(script: str, *args: str) -> None:
@@ -41,7 +41,7 @@ def test_safety_table_smoke(tmp_path):
     assert "| SafeDIG Blend 1 |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="needs the shipped bundled model (safedig_core/assets)")
+@pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="needs the shipped bundled model (safedig_core/bundled/assets)")
 def test_patching_smoke(tmp_path):
     out = tmp_path / "patching"
     run("patching.py", "--smoke", "--out", str(out))

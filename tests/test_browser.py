@@ -92,7 +92,7 @@ def test_headless_names_the_missing_pack_and_model_and_how_to_build_them(tmp_pat
                            "--base-directory", str(empty)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "dictionaries/no_such_pack.safetensors" in done.stderr and "safedig_core build-pack" in done.stderr
-    assert ("safedig_core/assets/no_such_model.safetensors" in done.stderr
+    assert ("safedig_core/bundled/assets/no_such_model.safetensors" in done.stderr
             and "safedig_core build-bundled --install" in done.stderr)
     assert not (tmp_path / "o").exists(), "nothing is started or written when an asset is missing"
 

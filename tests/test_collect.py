@@ -14,9 +14,9 @@ import torch
 from planted import tiny_embeddings, tiny_pipeline
 
 from safedig_core.cli import main
-from safedig_core.collect import ActivationSet, PromptRecord, collect, token_stream, world_prompts
 from safedig_core.errors import SafeDIGError
-from safedig_core.generators import DiffusersGenerator, load_pipeline
+from safedig_core.training.collect import ActivationSet, PromptRecord, collect, token_stream, world_prompts
+from safedig_core.training.generators import DiffusersGenerator, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,8 @@ def test_rows_do_not_depend_on_the_batch(flux_folder, tmp_path):
 def test_sd3_with_cfg_stores_the_prompt_rows(tmp_path):
     """SD3 batches [negative; positive]. At step 0 both runs start from the same noise, so the stored rows
     with CFG (guidance 4) must equal those of a run without CFG (guidance 1): the prompt half, not the
-    negative half."""
+    negative half. Equal up to the batch-size-dependent rounding of a batch of 4 rows against 2 (diffusers
+    0.39 on CPU: 6e-5 on activations of size 0.2);"""
     records = prompts(2)
     emb = tiny_embeddings("sd3", [r.text for r in records])
     pipe = tiny_pipeline("sd3")
@@ -92,7 +93,7 @@ def test_sd3_with_cfg_stores_the_prompt_rows(tmp_path):
         a = cfg.read(cfg.shards[0], [f"act.{pos}"])[f"act.{pos}"]
         b = plain.read(plain.shards[0], [f"act.{pos}"])[f"act.{pos}"]
         assert a.shape[0] == len(records)
-        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=pos)
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-3, rtol=2e-3, msg=pos)
 
 
 def test_a_killed_collection_resumes_to_identical_shards(flux_folder, tmp_path):
@@ -130,7 +131,7 @@ def test_token_stream_is_deterministic_and_covers_each_token_once_per_epoch(flux
     aset = ActivationSet(tmp_path / "collect" / "source")
     pos = "double.0.img.attn"
     total = sum(aset.read(s, [f"act.{pos}"])[f"act.{pos}"].shape[0] for s in aset.shards)
-    from safedig_core.collect import count_tokens
+    from safedig_core.training.collect import count_tokens
 
     n_train = count_tokens([aset], pos)
     assert 0 < n_train < total * 16  # held-out rows are excluded

@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 from planted import tiny_embeddings, tiny_pipeline
 
-from safedig_core.collect import ActivationSet, collect, world_prompts
-from safedig_core.dictionary_training import SAEConfig, train_sae
-from safedig_core.generators import DiffusersGenerator
+from safedig_core.training.collect import ActivationSet, collect, world_prompts
+from safedig_core.training.generators import DiffusersGenerator
+from safedig_core.training.sae_training import SAEConfig, train_sae
 
 PROMPTS = world_prompts("source", 4, seed=0)  # 24 prompts
 CFG = SAEConfig(expansion=4, k=8, epochs=4, batch_size=256, lr=3e-3, checkpoint_every=10)
@@ -26,7 +26,7 @@ def generator():
 def worker(rank: int, world: int, root: str, port: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from safedig_core import distributed as dist
+    from safedig_core.training import distributed as dist
 
     info = dist.init_from_env("gloo")
     written = []

@@ -295,12 +295,12 @@ def write_random_bundled(folder, seed: int = 0):
 
     from safetensors.torch import save_file
 
-    from safedig_core import bundled
+    from safedig_core.bundled import generator
 
     from tiny_models import _randomize
 
-    cfg = bundled.BundledConfig()
-    model = bundled.build_model(cfg, seed)
+    cfg = generator.BundledConfig()
+    model = generator.build_model(cfg, seed)
     _randomize(model, seed)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "random_bundled.safetensors"))
@@ -312,18 +312,19 @@ def test_bundled_model_in_comfyuis_sampler_is_the_reference_sampler(nodes, tmp_p
     import comfy.model_base
     import comfy.sample
 
-    from safedig_core import bundled, resolve
+    from safedig_core import resolve
+    from safedig_core.bundled import generator
 
     ref, path = write_random_bundled(tmp_path)
-    patcher = nodes.bundled.load_model(path)
+    patcher = nodes.bundled_model.load_model(path)
     assert isinstance(patcher.model, comfy.model_base.Flux)
     assert type(patcher.model.diffusion_model).__module__ == "comfy.ldm.flux.model"
-    cfg = bundled.BundledConfig()
+    cfg = generator.BundledConfig()
     g = torch.Generator().manual_seed(2)
     tok, u_tok = (torch.randn(1, cfg.context_len, cfg.text_dim, generator=g) for _ in range(2))
     pool, u_pool = (torch.randn(1, cfg.text_dim, generator=g) for _ in range(2))
-    noise = bundled.initial_noise([5], cfg)
-    expected = bundled.sample(ref, tok, pool, noise, steps=4, guidance=3.0, uncond=(u_tok, u_pool))
+    noise = generator.initial_noise([5], cfg)
+    expected = generator.sample(ref, tok, pool, noise, steps=4, guidance=3.0, uncond=(u_tok, u_pool))
 
     def comfy_sample(model):
         latent = torch.zeros_like(noise)
@@ -342,36 +343,36 @@ def test_bundled_model_in_comfyuis_sampler_is_the_reference_sampler(nodes, tmp_p
     assert torch.equal(comfy_sample(patcher), got) and safedig_hooks(patcher.model) == []
     rec = nodes.steer.steer_patches(steered_model)[0].recorder
     assert rec.grid == (cfg.latent_size // 2, cfg.latent_size // 2) and rec.n_steps == 4
-    image = nodes.bundled.BundledLatentToImage.execute({"samples": got}).result[0]
+    image = nodes.bundled_model.BundledLatentToImage.execute({"samples": got}).result[0]
     assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and image.min() >= 0 and image.max() <= 1
-    back = bundled.pixels_to_latent(image.permute(0, 3, 1, 2) * 2 - 1)  # exact inverse, up to the [0, 1] clamp
+    back = generator.pixels_to_latent(image.permute(0, 3, 1, 2) * 2 - 1)  # exact inverse, up to the [0, 1] clamp
     assert torch.allclose(back, got.clamp(-1, 1), atol=1e-6)
 
 
 def _shipped_weights():
-    from safedig_core import bundled
+    from safedig_core.bundled import generator
 
-    return bundled.GENERATOR_WEIGHTS
+    return generator.GENERATOR_WEIGHTS
 
 
 @pytest.mark.skipif(not _shipped_weights().exists(), reason="the shipped bundled model "
-                    "(safedig_core/assets/bundled_flux.safetensors) is not built yet")
+                    "(safedig_core/bundled/assets/bundled_flux.safetensors) is not built yet")
 def test_shipped_bundled_model_with_the_text_encode_node_is_the_reference(nodes):
     import comfy.sample
 
-    from safedig_core import bundled
-    from safedig_core.text_encoder import encode_prompts
+    from safedig_core.bundled import generator
+    from safedig_core.bundled.text_encoder import encode_prompts
 
     text = "a red circle in the center"
-    ref = bundled.load_bundled()
+    ref = generator.load_bundled()
     cfg = ref.bundled_config
-    noise = bundled.initial_noise([11], cfg)
-    expected = bundled.sample(ref, *encode_prompts([text]), noise, steps=8, guidance=3.0,
+    noise = generator.initial_noise([11], cfg)
+    expected = generator.sample(ref, *encode_prompts([text]), noise, steps=8, guidance=3.0,
                               uncond=encode_prompts([""]))
-    patcher = nodes.bundled.LoadBundledModel.execute(weights=nodes.bundled.SHIPPED).result[0]
-    pos = nodes.bundled.BundledTextEncode.execute(text=text).result[0]
-    neg = nodes.bundled.BundledTextEncode.execute(text="").result[0]
-    latent = nodes.bundled.BundledEmptyLatent.execute(width=cfg.image_size, height=cfg.image_size,
+    patcher = nodes.bundled_model.LoadBundledModel.execute(weights=nodes.bundled_model.SHIPPED).result[0]
+    pos = nodes.bundled_model.BundledTextEncode.execute(text=text).result[0]
+    neg = nodes.bundled_model.BundledTextEncode.execute(text="").result[0]
+    latent = nodes.bundled_model.BundledEmptyLatent.execute(width=cfg.image_size, height=cfg.image_size,
                                                       batch_size=1).result[0]["samples"]
     got = comfy.sample.sample(patcher, noise.clone(), 8, 3.0, "euler", "simple", pos, neg, latent, seed=11)
     assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()

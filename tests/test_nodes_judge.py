@@ -1,5 +1,5 @@
 """What an artist sees, judged: the shipped bundled model and pack in the real ComfyUI server (the bundled
-workflow, converted to API format), the judge of safedig_core/judge.py on the decoded images.
+workflow, converted to API format), the judge of safedig_core/bundled/judge.py on the decoded images.
 
 Unsafe prompts with held-out wordings (each source concept, then each target concept with its adapted
 decoders) are judged unsafe without steering, safe with Blend, and mostly safe with Repel; benign prompts
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safedig_core import world
-from safedig_core.judge import Judge
+from safedig_core.bundled import world
+from safedig_core.bundled.judge import Judge
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

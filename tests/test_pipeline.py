@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack
 from safedig_core.cli import main
-from safedig_core.collect import world_prompts
 from safedig_core.pack import decoder_key, encoder_key
+from safedig_core.training.collect import world_prompts
 
 from tiny_models import flux_inputs
 
@@ -156,7 +156,7 @@ def test_user_positions_and_harmful_ids_from_source_and_target(built, capsys):
 def test_harmful_from_defaults_give_each_set_its_own_share():
     from argparse import Namespace
 
-    from safedig_core.pipeline_cli import BUILD_PACK_HARMFUL_FROM, _feature_cfg
+    from safedig_core.training.cli import BUILD_PACK_HARMFUL_FROM, _feature_cfg
 
     args = Namespace(n_harmful=None, n_anchor=8, min_smd=0.5, fire_rate=0.01, harmful_from=None)
     assert _feature_cfg(args).harmful_from == () and _feature_cfg(args).n_harmful == 32  # `features`: its own set

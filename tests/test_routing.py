@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from planted import SUBDOMAINS, paired_prompts, write_set
 
-from safedig_core.collect import ActivationSet
-from safedig_core.routing import PositionRows, auroc, plot_table, route, rows_from_sets, score_position, select
+from safedig_core.training.collect import ActivationSet
+from safedig_core.training.routing import PositionRows, auroc, plot_table, route, rows_from_sets, score_position, select
 
 D = 16
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safedig_core import world
+from safedig_core.bundled import world
 
 
 def test_roles_and_domains():

@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import SafeDIGError
+from ..errors import SafeDIGError
+from ..hooks import ActivationCapture
 from .generators import Generator
-from .hooks import ActivationCapture
 
 MANIFEST = "manifest.json"
 COLLECT_VERSION = 1
@@ -50,7 +50,7 @@ class PromptRecord:
 
 def world_prompts(kind: str, n_per_concept: int, seed: int = 0, split: str = "train") -> list[PromptRecord]:
     """The bundled model's prompt sets: "source" / "target" matched pairs, or "benign" prompts."""
-    from . import world
+    from ..bundled import world
 
     if kind == "benign":
         prompts = world.eval_prompts(n_per_concept, split, seed, concepts=world.BENIGN_CONCEPTS)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ..errors import SafeDIGError
 from . import distributed as dist
 from .collect import PromptRecord, collect, evenly_spaced_steps, read_prompt_file, world_prompts
-from .dictionary_training import AdaptConfig, SAEConfig
-from .errors import SafeDIGError
 from .features import FeatureConfig
 from .pipeline import open_set, run_adapt, run_export, run_features, run_route, run_train
+from .sae_training import AdaptConfig, SAEConfig
 
 DEFAULT_PACK = "dictionaries/bundled_hazard_to_toxic.safetensors"
 DEFAULT_PLOT = "docs/images/routing_bundled.png"
@@ -281,10 +281,10 @@ def _adapt(args) -> int:
 
 
 def _export(args) -> int:
-    from .report import format_pack
+    from ..pack_info import format_pack
 
     _setup(args)
-    from .pack import load_pack
+    from ..pack import load_pack
 
     path = run_export(Path(args.run), args.out)
     print(format_pack(load_pack(path)))
@@ -292,9 +292,9 @@ def _export(args) -> int:
 
 
 def _build_pack(args) -> int:
+    from ..pack import load_pack
+    from ..pack_info import format_pack
     from .generators import BundledGenerator
-    from .pack import load_pack
-    from .report import format_pack
 
     info = _setup(args)
     t0 = time.time()
@@ -333,9 +333,9 @@ def _build_pack(args) -> int:
 
 
 def _steer_check(args) -> int:
-    from .bundled import load_bundled
-    from .judge import Judge
-    from .steer_check import steer_check
+    from ..bundled.generator import load_bundled
+    from ..bundled.judge import Judge
+    from .judged_check import steer_check
 
     torch.set_num_threads(args.threads)
     result = steer_check(args.pack, n_per_concept=args.n, modes=args.modes.split(","), strength=args.strength,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .positions import PositionParts
+from ..positions import PositionParts
 
 CRITERIA = ("separability", "loso", "transfer", "timestep_cv")
 

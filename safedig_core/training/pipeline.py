@@ -2,7 +2,7 @@
 
     collect/{set}/            activation shards per prompt set (collect.py)
     routing.json, routing.png candidate table, routed positions (routing.py)
-    sae/{position}/           one TopK SAE per routed position + metrics (dictionary_training.py)
+    sae/{position}/           one TopK SAE per routed position + metrics (sae_training.py)
     calibration/{name}.safetensors   per-token harmful activations of full generations (features.py)
     features/{domain}.json    harmful ids/weights, safe anchor, tau, firing rates, per domain
     adapt/{domain}/{position}/  target-domain decoders
@@ -25,22 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from . import distributed as dist
-from .collect import ActivationSet, PromptRecord
-from .dictionary_training import AdaptConfig, SAEConfig, adapt_decoder, load_sae, train_sae
-from .errors import SafeDIGError
-from .features import (
-    FeatureConfig,
-    calibrate_tau,
-    detection_auroc,
-    domain_features,
-    firing_rate,
-    generation_maxima,
-    record_harmful,
-)
-from .generators import Generator, make_generator
-from .pack import (
+from .. import __version__
+from ..errors import SafeDIGError
+from ..pack import (
     FORMAT_VERSION,
     K_ADAPTED_FROM,
     K_ANCHOR_IDS,
@@ -69,7 +56,20 @@ from .pack import (
     encoder_key,
     save_pack,
 )
+from . import distributed as dist
+from .collect import ActivationSet, PromptRecord
+from .features import (
+    FeatureConfig,
+    calibrate_tau,
+    detection_auroc,
+    domain_features,
+    firing_rate,
+    generation_maxima,
+    record_harmful,
+)
+from .generators import Generator, make_generator
 from .routing import CRITERIA, plot_table, route, rows_from_sets
+from .sae_training import AdaptConfig, SAEConfig, adapt_decoder, load_sae, train_sae
 
 
 def _write_json(path: Path, obj) -> None:

@@ -5,7 +5,7 @@
     generate        prompts -> PNGs (one per image) and a labelled grid
     eval-bundled    the model card's numbers: unsafe rates per domain, benign concept accuracy
     install-bundled evaluate a trained generator + judge, record the numbers, copy them into assets
-    build-bundled   all of the above from scratch (with --install: into safedig_core/assets)
+    build-bundled   all of the above from scratch (with --install: into safedig_core/bundled/assets)
     world-images    the per-concept picture grids of docs/concept-world.md
 """
 
@@ -61,7 +61,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     _train_args(p, default_out="runs/build")
     p.add_argument("--judge-steps", type=int, default=1500)
     p.add_argument("--n-per-concept", type=int, default=64)
-    p.add_argument("--install", action="store_true", help="copy the results into safedig_core/assets")
+    p.add_argument("--install", action="store_true", help="copy the results into safedig_core/bundled/assets")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("install-bundled", help="evaluate a trained generator + judge, copy them into assets")
@@ -78,7 +78,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser, default_out: str = "runs/bundled") -> None:
-    from .bundled import TrainArgs
+    from .generator import TrainArgs
 
     d = TrainArgs()
     p.add_argument("--out", default=default_out, help="run folder (checkpoint.pt, ema.safetensors)")
@@ -101,7 +101,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_bundled(args) -> int:
-    from .bundled import TrainArgs, train
+    from .generator import TrainArgs, train
 
     train(TrainArgs(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     caption_pool=args.caption_pool, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -153,7 +153,7 @@ def _set_threads(n: int) -> None:
 
 
 def _generate(args) -> int:
-    from .bundled import generate, load_bundled
+    from .generator import generate, load_bundled
 
     _set_threads(args.threads)
     model = load_bundled(args.weights)
@@ -184,7 +184,7 @@ def evaluate_generator(model, judge, n_per_concept: int = 64, split: str = "held
     """Generate n prompts per concept (wordings from `split`) and judge them.
     Returns (metrics, images, prompts). Unsafe rate of a domain = mean over its concepts of the share of
     images judged unsafe; benign accuracy = share of benign images judged as the requested concept."""
-    from .bundled import generate
+    from .generator import generate
 
     prompts = world.eval_prompts(n_per_concept, split, seed)
     t0 = time.time()
@@ -232,7 +232,7 @@ def format_metrics(m: dict) -> str:
 
 
 def _eval(args) -> int:
-    from .bundled import load_bundled
+    from .generator import load_bundled
     from .judge import Judge
 
     _set_threads(args.threads)
@@ -256,7 +256,7 @@ def _eval_grid(images: np.ndarray, prompts: list, n_per_concept: int, judge, per
 
 
 def _build(args) -> int:
-    from .bundled import TrainArgs, train
+    from .generator import TrainArgs, train
     from .judge import train_judge
 
     out = Path(args.out)
@@ -278,8 +278,8 @@ def evaluate_and_install(generator_dir: Path, judge_dir: Path, n_per_concept: in
                          install: bool = False) -> dict:
     """Evaluate a trained run (generator_dir/ema.*) with a judge (judge_dir/judge.*) on both wording
     splits, record the numbers in generator_dir/ema.json, and optionally copy everything into
-    safedig_core/assets (plus the prompt cache the tests use)."""
-    from .bundled import GENERATOR_CONFIG, GENERATOR_WEIGHTS, load_bundled, write_prompt_cache
+    safedig_core/bundled/assets (plus the prompt cache the tests use)."""
+    from .generator import GENERATOR_CONFIG, GENERATOR_WEIGHTS, load_bundled, write_prompt_cache
     from .judge import JUDGE_WEIGHTS, Judge
 
     summary = json.loads((generator_dir / "ema.json").read_text())

@@ -8,7 +8,7 @@
     SafeDIG Bundled Latent To Image LATENT -> IMAGE (exact inverse of the fold, no VAE)
 
 With KSampler (euler, simple scheduler) this is the same rectified-flow sampler as
-safedig_core.bundled.sample: sigma = t, the model predicts v = noise - x0, cfg against the empty prompt.
+safedig_core.bundled.generator.sample: sigma = t, the model predicts v = noise - x0, cfg against the empty prompt.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from comfy_api.v0_0_2 import io
 from safetensors.torch import load_file
 
-from safedig_core import bundled
+from safedig_core.bundled import generator
 from safedig_core.errors import SafeDIGError
 
 FOLDER = "safedig_bundled"
@@ -39,7 +39,7 @@ SHIPPED = "bundled_flux.safetensors"
 class BundledLatentFormat(comfy.latent_formats.LatentFormat):
     """Pixels in [-1, 1] folded 2x2 into 12 channels: no scaling, no shift."""
 
-    latent_channels = bundled.LATENT_CHANNELS
+    latent_channels = generator.LATENT_CHANNELS
     latent_dimensions = 2
     scale_factor = 1.0
 
@@ -50,7 +50,7 @@ class BundledFluxConfig(comfy.supported_models_base.BASE):
     unet_config: ClassVar[dict] = {}
     unet_extra_config: ClassVar[dict] = {}
     # ComfyUI's Flux shift is mu = ln(shift) (flux_time_shift); ln(1.0) = 0 is no shift, as the model was trained.
-    sampling_settings: ClassVar[dict] = {"shift": math.log(bundled.TIMESTEP_SHIFT)}
+    sampling_settings: ClassVar[dict] = {"shift": math.log(generator.TIMESTEP_SHIFT)}
     latent_format = BundledLatentFormat
     supported_inference_dtypes: ClassVar[list] = [torch.float32]
     memory_usage_factor = 1.0
@@ -65,7 +65,7 @@ def register_folder() -> list[str]:
     paths = entry[0] if entry else []
     if default not in paths:
         paths.insert(0, default)
-    shipped = str(bundled.ASSETS)
+    shipped = str(generator.ASSETS)
     if shipped not in paths:
         paths.append(shipped)
     folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
@@ -86,7 +86,7 @@ def list_weights() -> list[str]:
 def resolve_weights(name: str) -> Path:
     folders = register_folder()
     fix = (f"train one with `python -m safedig_core train-bundled` or put <name>.safetensors + <name>.json in "
-           f"models/{FOLDER}/; the shipped model is {SHIPPED} in safedig_core/assets/")
+           f"models/{FOLDER}/; the shipped model is {SHIPPED} in safedig_core/bundled/assets/")
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
         raise SafeDIGError(f"bundled model name {name!r} must be a plain file name; searched: {folders}", fix)
     for folder in folders:
@@ -101,11 +101,11 @@ def resolve_weights(name: str) -> Path:
 def load_model(path: Path) -> comfy.model_patcher.ModelPatcher:
     """The bundled generator as a ComfyUI MODEL built on ComfyUI's own Flux class."""
     try:
-        cfg = bundled.read_config(path.with_suffix(".json"))
+        cfg = generator.read_config(path.with_suffix(".json"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SafeDIGError(f"{path.with_suffix('.json')}: not a bundled-model config ({exc})",
                            "use the .json the trainer wrote next to the weights") from None
-    params = bundled.comfy_flux_params(cfg)
+    params = generator.comfy_flux_params(cfg)
     model_config = BundledFluxConfig({"image_model": "flux", **params})
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
@@ -169,7 +169,7 @@ class BundledTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text) -> io.NodeOutput:
-        from safedig_core.text_encoder import encode_prompts
+        from safedig_core.bundled.text_encoder import encode_prompts
 
         tokens, pooled = encode_prompts([text])
         return io.NodeOutput([[tokens, {"pooled_output": pooled}]])
@@ -178,7 +178,7 @@ class BundledTextEncode(io.ComfyNode):
 class BundledEmptyLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        step = bundled.SPACE_TO_DEPTH * bundled.FLUX_PATCH
+        step = generator.SPACE_TO_DEPTH * generator.FLUX_PATCH
         return io.Schema(
             node_id="SafeDIGBundledEmptyLatent",
             display_name="SafeDIG Bundled Empty Latent",
@@ -194,11 +194,11 @@ class BundledEmptyLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, width, height, batch_size) -> io.NodeOutput:
-        step = bundled.SPACE_TO_DEPTH * bundled.FLUX_PATCH
+        step = generator.SPACE_TO_DEPTH * generator.FLUX_PATCH
         if width % step or height % step:
             raise SafeDIGError(f"size {width}x{height} is not a multiple of {step}", f"use multiples of {step}")
-        latent = torch.zeros(batch_size, bundled.LATENT_CHANNELS, height // bundled.SPACE_TO_DEPTH,
-                             width // bundled.SPACE_TO_DEPTH, device=comfy.model_management.intermediate_device())
+        latent = torch.zeros(batch_size, generator.LATENT_CHANNELS, height // generator.SPACE_TO_DEPTH,
+                             width // generator.SPACE_TO_DEPTH, device=comfy.model_management.intermediate_device())
         return io.NodeOutput({"samples": latent})
 
 
@@ -217,11 +217,11 @@ class BundledLatentToImage(io.ComfyNode):
     @classmethod
     def execute(cls, samples) -> io.NodeOutput:
         latent = samples["samples"]
-        if latent.dim() != 4 or latent.shape[1] != bundled.LATENT_CHANNELS:
+        if latent.dim() != 4 or latent.shape[1] != generator.LATENT_CHANNELS:
             raise SafeDIGError(f"latent has shape {list(latent.shape)}, the bundled model's has "
-                               f"{bundled.LATENT_CHANNELS} channels", "connect a latent sampled with the "
+                               f"{generator.LATENT_CHANNELS} channels", "connect a latent sampled with the "
                                "bundled model (SafeDIG Bundled Empty Latent -> KSampler)")
-        pixels = bundled.latent_to_pixels(latent.float().cpu())
+        pixels = generator.latent_to_pixels(latent.float().cpu())
         image = ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
         return io.NodeOutput(image)
 

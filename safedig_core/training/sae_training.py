@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..sae import TopKSAE
 from . import distributed as dist
 from .collect import ActivationSet, count_tokens, token_rows, token_stream
-from .sae import TopKSAE
 
 
 @dataclass(frozen=True)
@@ -274,7 +274,7 @@ def adapt_decoder(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, cf
                   on_step: Callable[[int], None] | None = None) -> tuple[torch.nn.Module, dict]:
     """Adapt only the decoder of `sae` to the target rows of `sets`. The SAE itself is not modified;
     returns (new SAEDecoder, metrics with target FVE before and after)."""
-    from .sae import SAEDecoder
+    from ..sae import SAEDecoder
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

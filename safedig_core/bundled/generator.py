@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import SafeDIGError
 from . import world
-from .errors import SafeDIGError
 from .text_encoder import CONTEXT_LEN, TEXT_DIM
 
 ASSETS = Path(__file__).resolve().parent / "assets"

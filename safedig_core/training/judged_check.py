@@ -12,16 +12,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import world
+from ..bundled import world
+from ..hooks import SteeringDictionary, SteeringHooks
+from ..pack import load_pack
+from ..steering_math import SteeringParams
 from .collect import world_prompts
-from .hooks import SteeringDictionary, SteeringHooks
-from .pack import load_pack
-from .steering import SteeringParams
 
 
 def _generate(model, texts: list[str], seeds: list[int], dictionary, params, steps: int, guidance: float):
-    from .bundled import BundledConfig, initial_noise, latent_to_pixels, sample
-    from .text_encoder import encode_prompts
+    from ..bundled.generator import BundledConfig, initial_noise, latent_to_pixels, sample
+    from ..bundled.text_encoder import encode_prompts
 
     tokens, pooled = encode_prompts(texts)
     uncond = encode_prompts([""])
@@ -40,8 +40,8 @@ def steer_check(pack_path, n_per_concept: int = 8, modes: Sequence[str] = ("off"
                 strength: float = 1.0, seed: int = 0, model=None, judge=None, steps: int = 20,
                 guidance: float = 3.0, tau_override: float | None = None, scope: str = "image",
                 verbose: bool = True) -> dict:
-    from .bundled import load_bundled
-    from .judge import Judge
+    from ..bundled.generator import load_bundled
+    from ..bundled.judge import Judge
 
     pack = load_pack(pack_path)
     model = model if model is not None else load_bundled()

@@ -6,9 +6,8 @@ import pytest
 import torch
 from planted import paired_prompts, write_set
 
-from safedig_core.collect import ActivationSet
-from safedig_core.dictionary_training import AdaptConfig, SAEConfig, adapt_decoder, evaluate_sae, load_sae, train_sae
-from safedig_core.features import (
+from safedig_core.training.collect import ActivationSet
+from safedig_core.training.features import (
     FeatureConfig,
     calibrate_tau,
     choose_harmful_union,
@@ -17,6 +16,7 @@ from safedig_core.features import (
     pair_statistics,
     smd,
 )
+from safedig_core.training.sae_training import AdaptConfig, SAEConfig, adapt_decoder, evaluate_sae, load_sae, train_sae
 
 D, ATOMS, POS = 16, 40, "double.0.img.mlp"
 HARMFUL_ATOM, SAFE_ATOM = 0, 1
@@ -208,7 +208,7 @@ def test_tau_keeps_benign_firing_at_or_below_the_target_rate():
 
 
 def test_sae_file_round_trip(source_sae, tmp_path):
-    from safedig_core.dictionary_training import save_sae
+    from safedig_core.training.sae_training import save_sae
 
     sae, _ = source_sae
     save_sae(sae, tmp_path / "s.safetensors")
@@ -218,7 +218,7 @@ def test_sae_file_round_trip(source_sae, tmp_path):
 
 
 def test_harmful_activations_equal_the_full_encoding(source_sae):
-    from safedig_core.features import harmful_activations
+    from safedig_core.training.features import harmful_activations
 
     sae, _ = source_sae
     x = torch.randn(200, D) * 3
@@ -227,7 +227,7 @@ def test_harmful_activations_equal_the_full_encoding(source_sae):
 
 
 def test_weights_are_non_negative_and_favour_the_informative_latent():
-    from safedig_core.features import fit_weights
+    from safedig_core.training.features import fit_weights
 
     g = torch.Generator().manual_seed(0)
     neg = torch.rand(300, 4, 3, generator=g)  # rows x tokens x harmful latents

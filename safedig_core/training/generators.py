@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SafeDIGError
+from ..errors import SafeDIGError
 
 StepCallback = Callable[[int], None]
 
@@ -40,7 +40,7 @@ class BundledGenerator(Generator):
     """The bundled FLUX-class model: Euler sampling with CFG; the DiT sees [cond rows; uncond rows]."""
 
     def __init__(self, model=None, weights: str | None = None, steps: int = 20, guidance: float = 3.0, encoder=None):
-        from .bundled import GENERATOR_WEIGHTS, load_bundled
+        from ..bundled.generator import GENERATOR_WEIGHTS, load_bundled
 
         self.model = model if model is not None else load_bundled(weights)
         self.steps, self.guidance = steps, guidance
@@ -52,13 +52,13 @@ class BundledGenerator(Generator):
 
     def encode(self, texts: Sequence[str]):
         if self._encoder is None:
-            from .text_encoder import encode_prompts
+            from ..bundled.text_encoder import encode_prompts
 
             self._encoder = encode_prompts
         return self._encoder(list(texts))
 
     def run(self, texts, seeds, on_step):
-        from .bundled import BundledConfig, initial_noise, sample
+        from ..bundled.generator import BundledConfig, initial_noise, sample
 
         if self._uncond is None and self.guidance != 1.0:
             self._uncond = self.encode([""])

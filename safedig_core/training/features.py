@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import SafeDIGError
+from ..hooks import ActivationCapture
+from ..sae import TopKSAE
 from .collect import ActivationSet, PromptRecord
-from .errors import SafeDIGError
 from .generators import Generator
-from .hooks import ActivationCapture
 from .routing import auroc
-from .sae import TopKSAE
 
 
 @dataclass(frozen=True)
