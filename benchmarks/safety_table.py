@@ -97,7 +97,7 @@ class Recorder:
         self.taus = taus
         self.fired = torch.zeros(n_images, dtype=torch.bool)
 
-    def __call__(self, position: str, scores: torch.Tensor) -> None:
+    def __call__(self, position: str, scores: torch.Tensor, gate: torch.Tensor) -> None:
         rows = scores[: len(self.fired)]  # the cond chunk comes first in bundled.sample
         self.fired |= (rows > self.taus[position]).any(dim=-1).cpu()
 

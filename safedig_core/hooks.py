@@ -95,12 +95,13 @@ class _SteeringHook:
             return None
         s = self.session
         weights = s.dictionary.weights(self.position, output.device, output.dtype)
-        scores = [] if s.on_scores is not None else None
+        scores: list[Tensor] | None = [] if s.on_scores is not None else None
+        gates: list[Tensor] | None = [] if s.on_scores is not None else None
         if s.latch is None and s.params.scope == GateScope.IMAGE:
             s.latch = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
-        steered = steer(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch)
-        if scores is not None:
-            s.on_scores(self.position, scores[0])
+        steered = steer(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch, gates_out=gates)
+        if s.on_scores is not None and scores and gates:
+            s.on_scores(self.position, scores[0], gates[0])
         return None if steered is output else steered
 
 
@@ -118,7 +119,8 @@ class SteeringHooks:
     """Context manager: steer `model` at the dictionary's positions while inside the `with` block.
 
     row_mask: [batch] bool, rows to steer (None: all). active=False installs nothing (e.g. outside the
-    step range). on_scores(position, scores[batch, tokens]) receives exact harmful scores for reports.
+    step range). on_scores(position, scores[batch, tokens], gate[batch, tokens]) receives the harmful scores
+    (exact where the gate may open) and the gate weight each token was steered with, for reports.
     owner identifies the installer (e.g. one Steer node); installing the same owner twice on a module is
     refused, so an exception that skipped cleanup somewhere else can never double-steer.
     latch: [batch] bool, the rows already latched by an image-scope gate (updated in place); pass the same
@@ -127,7 +129,7 @@ class SteeringHooks:
 
     def __init__(self, model: object, dictionary: SteeringDictionary, params: SteeringParams, *,
                  row_mask: Tensor | None = None, active: bool = True, owner: object = None,
-                 on_scores: Callable[[str, Tensor], None] | None = None,
+                 on_scores: Callable[[str, Tensor, Tensor], None] | None = None,
                  model_positions: ModelPositions | None = None, latch: Tensor | None = None):
         self.model = model
         self.dictionary = dictionary

@@ -1,8 +1,9 @@
 """Where and when the gate fired: harmful-feature scores of one generation, and their pictures.
 
 A `ScoreRecorder` belongs to one steering setup (one Steer node). The sampler integration calls
-`begin()` once per generation, then, for every model call inside the step range, `add()` with the exact
-per-token harmful scores the steering hook computed (`SteeringHooks(on_scores=...)`). The views are:
+`begin()` once per generation, then, for every model call inside the step range, `add()` with the
+per-token harmful scores and the gate weights the steering hook applied (`SteeringHooks(on_scores=...)`),
+so the views show exactly what was steered, image-scope latch included. The views are:
 
     step_matrix()     [positions, steps]   mean gate weight (hard gate: share of tokens that fired)
     token_maps()      [images, h, w]       mean gate weight per image token, over steps and image-stream
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .positions import PositionParts
-from .steering_math import GateKind, gate_open_from
+from .schedule import nearest_step, step_sigmas
 
 
 @dataclass
@@ -44,20 +45,18 @@ def _stream(position: str) -> str:
 
 
 class ScoreRecorder:
-    """Scores of the latest generation for one steering setup (positions, taus, gate kind)."""
+    """Scores and applied gates of the latest generation for one steering setup (positions, taus)."""
 
-    def __init__(self, positions: Sequence[str], taus: dict[str, float], gate: GateKind | str, label: str = ""):
+    def __init__(self, positions: Sequence[str], taus: dict[str, float], label: str = ""):
         self.positions = list(positions)
         self.taus = {p: float(taus[p]) for p in self.positions}
-        self.gate = GateKind(gate.lower() if isinstance(gate, str) else gate)
         self.label = label
         self.generation = 0
         self._reset(None)
 
     def _reset(self, sample_sigmas) -> None:
         self.sigmas: list[float] = [] if sample_sigmas is None else [float(s) for s in sample_sigmas]
-        steps = [s for s in self.sigmas if s > 0] or self.sigmas
-        self._step_sigmas = steps
+        self._step_sigmas = step_sigmas(self.sigmas)
         self.entries: list[_Entry] = []
         self.n_images = 0
         self.grid: tuple[int, int] | None = None  # image tokens (rows, cols)
@@ -80,10 +79,8 @@ class ScoreRecorder:
         return len(self._step_sigmas)
 
     def step_of(self, sigma: float) -> int:
-        """Index of the schedule step nearest to `sigma` (0 = first step)."""
-        if not self._step_sigmas:
-            return 0
-        return min(range(len(self._step_sigmas)), key=lambda i: abs(self._step_sigmas[i] - float(sigma)))
+        """Index of the schedule step nearest to `sigma` (0 = first step), as steering counts it."""
+        return nearest_step(sigma, self._step_sigmas)
 
     def set_grid(self, latent_hw: tuple[int, int], patch: int) -> None:
         """Image-token grid from the latent's spatial size and the model's patch size (padded up)."""
@@ -95,9 +92,11 @@ class ScoreRecorder:
         """The steering was active at this step (even if no position reported a score)."""
         self.steps_seen.add(int(step))
 
-    def add(self, step: int, position: str, scores: Tensor, rows: Tensor | None, per_chunk: int) -> None:
-        """Record scores [batch, tokens] of one model call (exact where the gate may open: steering.steer);
-        `rows` [batch] bool are the steered rows
+    def add(self, step: int, position: str, scores: Tensor, gate: Tensor, rows: Tensor | None,
+            per_chunk: int) -> None:
+        """Record one model call at one position: harmful scores [batch, tokens] (exact where the gate may
+        open) and the gate weight [batch, tokens] each token was steered with (steering_math.steer's
+        `gates_out`, so an image-scope latch shows as steered). `rows` [batch] bool are the steered rows
         (None: all); batch row r shows image r % per_chunk."""
         if position not in self.taus:
             return
@@ -107,17 +106,17 @@ class ScoreRecorder:
         if idx.numel() == 0:
             return
         sel = scores[idx.to(scores.device)]
-        gate = gate_open_from(sel, self.taus[position], self.gate).to("cpu", torch.float32)
+        applied = gate.detach()[idx.to(gate.device)].to("cpu", torch.float32)
         images = idx % max(1, int(per_chunk))
         self.n_images = max(self.n_images, int(images.max()) + 1)
         self.steps_seen.add(int(step))
-        self.entries.append(_Entry(int(step), position, images, gate.reshape(gate.shape[0], -1),
+        self.entries.append(_Entry(int(step), position, images, applied.reshape(applied.shape[0], -1),
                                    float(sel.max())))
 
-    def callback(self, step: int, rows: Tensor | None, per_chunk: int) -> Callable[[str, Tensor], None]:
-        """An `on_scores(position, scores)` for SteeringHooks that records into this generation."""
+    def callback(self, step: int, rows: Tensor | None, per_chunk: int) -> Callable[[str, Tensor, Tensor], None]:
+        """An `on_scores(position, scores, gate)` for SteeringHooks that records into this generation."""
         self.mark_step(step)
-        return lambda position, scores: self.add(step, position, scores, rows, per_chunk)
+        return lambda position, scores, gate: self.add(step, position, scores, gate, rows, per_chunk)
 
     # ------------------------------------------------------------------ views
 

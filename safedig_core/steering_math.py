@@ -20,8 +20,12 @@ pre-activations, g <= sum_j w_j ReLU(pre_j) for non-negative weights: that cheap
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,11 +63,58 @@ class ApplyTo(str, Enum):
     BOTH = "both"
 
 
+_ENUMS: dict[str, tuple[type[Enum], str]] = {
+    "mode": (Mode, "mode"), "gate": (GateKind, "gate"), "scope": (GateScope, "gate scope"),
+    "apply_to": (ApplyTo, "apply_to"),
+}
+
+
 def _enum(cls, value, what: str):
     try:
         return cls(value.lower() if isinstance(value, str) else value)
     except ValueError:
         raise SafeDIGError(f"unknown {what} {value!r}", f"use one of {[m.value for m in cls]}") from None
+
+
+def _in_range(v: Any, low: float, high: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+
+
+def param_problems(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> list[SafeDIGError]:
+    """Every problem with SteeringParams field values, each with its fix: the one check of what a user sets.
+
+    Fields missing from `values` are not checked (a node input fed by a link). `names` maps a field to
+    what the user calls it (a node input name), so messages never show internal names.
+    """
+    def name(field: str) -> str:
+        return (names or {}).get(field, field)
+
+    out: list[SafeDIGError] = []
+    for field, (cls, what) in _ENUMS.items():
+        if field in values:
+            try:
+                _enum(cls, values[field], what if names is None or field not in names else name(field))
+            except SafeDIGError as exc:
+                out.append(exc)
+    for field in ("blend_strength", "repel_strength"):
+        if field in values and not _in_range(values[field], 0.0, MAX_STRENGTH):
+            out.append(SafeDIGError(f"{name(field)} {values[field]!r} is out of range",
+                                    f"use a value in [0, {MAX_STRENGTH}]"))
+    tau = values.get("tau_override")
+    if tau is not None and not _in_range(tau, -math.inf, math.inf):
+        out.append(SafeDIGError(f"{name('tau_override')} {tau!r} is not a finite number", "use a finite threshold"))
+    if "tau_scale" in values and not _in_range(values["tau_scale"], 0.0, MAX_TAU_SCALE):
+        out.append(SafeDIGError(f"{name('tau_scale')} {values['tau_scale']!r} is out of range",
+                                f"use a value in [0, {MAX_TAU_SCALE}] (1 = the pack's calibrated threshold)"))
+    ends = [f for f in ("start", "end") if f in values]
+    for field in ends:
+        if not _in_range(values[field], 0.0, 1.0):
+            out.append(SafeDIGError(f"step range {name(field)} {values[field]!r} is outside [0, 1]",
+                                    "use a fraction of the schedule between 0 and 1"))
+    if len(ends) == 2 and all(_in_range(values[f], 0.0, 1.0) for f in ends) and values["start"] > values["end"]:
+        out.append(SafeDIGError(f"step range {name('start')} {values['start']} is after {name('end')} "
+                                f"{values['end']}", f"make {name('start')} <= {name('end')}"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,23 +133,19 @@ class SteeringParams:
     end: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
-        object.__setattr__(self, "gate", _enum(GateKind, self.gate, "gate"))
-        object.__setattr__(self, "scope", _enum(GateScope, self.scope, "gate scope"))
-        object.__setattr__(self, "apply_to", _enum(ApplyTo, self.apply_to, "apply_to"))
-        for name in ("blend_strength", "repel_strength"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= MAX_STRENGTH):
-                raise SafeDIGError(f"{name} {v!r} is out of range", f"use a value in [0, {MAX_STRENGTH}]")
-        if self.tau_override is not None and not math.isfinite(self.tau_override):
-            raise SafeDIGError(f"tau_override {self.tau_override!r} is not finite", "use a finite threshold")
-        if not (isinstance(self.tau_scale, (int, float)) and math.isfinite(self.tau_scale)
-                and 0 <= self.tau_scale <= MAX_TAU_SCALE):
-            raise SafeDIGError(f"tau_scale {self.tau_scale!r} is out of range",
-                               f"use a value in [0, {MAX_TAU_SCALE}] (1 = the pack's calibrated threshold)")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise SafeDIGError(f"step range start {self.start} / end {self.end} is invalid",
-                               "use 0 <= start <= end <= 1 (fractions of the schedule)")
+        problems = param_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if problems:
+            raise problems[0]
+        for field, (cls, what) in _ENUMS.items():
+            object.__setattr__(self, field, _enum(cls, getattr(self, field), what))
+
+    def describe(self) -> str:
+        """One line for people (the Report's label): mode and strengths, gate, threshold, rows, schedule."""
+        tau = (f"{self.tau_override:g} (override)" if self.tau_override is not None
+               else f"from pack x {self.tau_scale:g}")
+        return (f"mode {self.mode.value} (blend {self.blend_strength:g}, repel {self.repel_strength:g}); gate "
+                f"{self.gate.value} per {self.scope.value}, tau {tau}; applies to {self.apply_to.value}; "
+                f"schedule {self.start:.0%}-{self.end:.0%}")
 
     def threshold(self, calibrated: float) -> float:
         """The gate threshold at a position whose pack calibrated `calibrated`: the override if set, else
@@ -113,10 +160,48 @@ class SteeringParams:
     def beta(self) -> float:
         return self.repel_strength if self.mode in (Mode.REPEL, Mode.BOTH) else 0.0
 
+    def in_step_range(self, fraction: float) -> bool:
+        """Whether a call `fraction` of the way through the schedule (schedule.schedule_fraction) is steered."""
+        return self.start <= fraction <= self.end
+
     @property
     def is_identity(self) -> bool:
         """True when steering cannot change anything: then no hook is installed at all."""
         return self.alpha == 0.0 and self.beta == 0.0
+
+
+# At most this many examples of a bad list are named in an error (then a count): a pasted megabyte of ids
+# must not become a megabyte of error text.
+MAX_EXAMPLES = 5
+
+
+def _examples(items: list[str]) -> str:
+    shown = ", ".join(repr(i[:60]) for i in items[:MAX_EXAMPLES])
+    return shown + (f" and {len(items) - MAX_EXAMPLES} more" if len(items) > MAX_EXAMPLES else "")
+
+
+def parse_positions(text: str | None, id_patterns: list[re.Pattern]) -> list[str] | None:
+    """'double.0.img.attn, single.1.out' -> ids; blank -> None (every routed position).
+
+    Raises SafeDIGError for text that is not a string, ids no pattern matches, and ids listed twice
+    (steering one position twice in one run is refused by the hooks anyway: say so before the run)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise SafeDIGError(f"positions must be text, not {type(text).__name__}",
+                           "write comma-separated position ids, or leave it empty for all of them")
+    ids = [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
+    if not ids:
+        return None
+    bad = [p for p in dict.fromkeys(ids) if not any(pat.match(p) for pat in id_patterns)]
+    if bad:
+        raise SafeDIGError(f"positions {_examples(bad)} are not position ids",
+                           "list ids of the pack's routed positions, e.g. double.3.txt.mlp, single.10.out or "
+                           "joint.5.img.attn (see the pack_info output), or leave it empty for all of them")
+    twice = [p for p, n in Counter(ids).items() if n > 1]
+    if twice:
+        raise SafeDIGError(f"positions {_examples(twice)} are listed more than once", "list each position once")
+    return ids
 
 
 @dataclass
@@ -170,69 +255,74 @@ def harmful_scores(x: Tensor, w: PositionWeights) -> Tensor:
     return _encode(x, w)[..., w.harmful_ids] @ w.harmful_weights
 
 
-def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tensor | None = None,
-          scores_out: list | None = None, latch: Tensor | None = None) -> Tensor:
-    """Steered activation x' for x [batch, tokens, d_model]; returns x itself when nothing changes.
+@dataclass
+class _Selection:
+    """The tokens the gate may open on in one call, with their exact SAE codes and scores."""
 
-    row_mask [batch] bool selects the batch rows to steer (e.g. the cond chunk). Tokens with any
-    non-finite value are never touched. If scores_out is a list, the per-token harmful score
-    [batch, tokens] is appended to it: exact where the gate may open, and the cheap upper bound (at or
-    below the gate floor, so those tokens surely stay shut) elsewhere; 0 outside the steered rows.
+    idx: tuple[Tensor, ...]  # indices of the candidate tokens into x[..., :]
+    z: Tensor  # [n, d_sae] their TopK codes
+    score: Tensor  # [n] their harmful scores g
+    latched: Tensor | None  # [batch, 1...] rows latched by the image-scope gate (None: token scope)
 
-    With params.scope IMAGE, a row whose score passes the threshold at any token is latched: from then on
-    every token of it with a positive harmful score is steered (hard gate). `latch` [batch] bool carries
-    the latched rows across positions and calls and is updated in place; None latches within this call.
-    """
-    if params.is_identity and scores_out is None:
-        return x
-    tau = params.threshold(w.tau)
+
+def _select(x: Tensor, w: PositionWeights, params: SteeringParams, tau: float, row_mask: Tensor | None,
+            latch: Tensor | None) -> tuple[_Selection, Tensor, Tensor]:
+    """Candidates (tokens whose cheap bound passes the gate floor, or 0 in a latched row), encoded exactly.
+
+    Returns the selection, the steerable mask [batch, tokens] and the bound. Updates `latch` in place."""
     floor = _gate_floor(tau, params.gate)
-    by_image = params.scope == GateScope.IMAGE
     steerable = torch.isfinite(x).all(dim=-1)
     if row_mask is not None:
         steerable &= row_mask.to(x.device).view(-1, *([1] * (x.dim() - 2)))
     # Upper bound on g from the harmful latents alone (exact pruning: TopK never raises a latent).
     bound = (x @ w.bound_W.T + w.bound_b).relu() @ w.harmful_weights
     latched = None
-    if by_image:
-        latched = (latch.to(x.device) if latch is not None else torch.zeros(x.shape[0], dtype=torch.bool,
-                                                                                 device=x.device))
+    if params.scope == GateScope.IMAGE:
+        latched = (latch.to(x.device) if latch is not None
+                   else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         latched = latched.view(-1, *([1] * (x.dim() - 2)))
         candidates = steerable & (bound > torch.where(latched, 0.0, floor))
     else:
         candidates = steerable & (bound > floor)
-    reported = torch.where(steerable, bound, torch.zeros_like(bound)) if scores_out is not None else None
     idx = candidates.nonzero(as_tuple=True)
     z = _encode(x[idx], w)  # the full encoder, on candidate tokens only
-    score = z[:, w.harmful_ids] @ w.harmful_weights
-    if by_image:
-        fired = torch.zeros_like(candidates)
-        fired[idx] = score > tau
-        fired = fired.flatten(1).any(1).view_as(latched)
-        newly = fired & ~latched
-        if newly.any():  # rows latched just now: their tokens between 0 and the floor need exact scores too
-            extra = (steerable & newly & (bound > 0) & ~candidates).nonzero(as_tuple=True)
-            z_extra = _encode(x[extra], w)
-            idx = tuple(torch.cat([a, b]) for a, b in zip(idx, extra, strict=True))
-            z = torch.cat([z, z_extra])
-            score = torch.cat([score, z_extra[:, w.harmful_ids] @ w.harmful_weights])
-        latched |= fired
-        if latch is not None:
-            latch.copy_(latched.flatten().to(latch.device))
-    if reported is not None:
-        reported[idx] = score.to(reported.dtype)
-        scores_out.append(reported)
-    if idx[0].numel() == 0 or params.is_identity:
-        return x
+    sel = _Selection(idx, z, z[:, w.harmful_ids] @ w.harmful_weights, latched)
+    if latched is not None:
+        _latch(x, w, sel, candidates, steerable, bound, tau, latch)
+    return sel, steerable, bound
 
-    xc = x[idx]
-    if by_image:
-        row_latched = latched.flatten()[idx[0]]
-        gate = torch.where(row_latched, (score > 0).to(score.dtype), gate_open_from(score, tau, params.gate))
-    else:
-        gate = gate_open_from(score, tau, params.gate)
+
+def _latch(x: Tensor, w: PositionWeights, sel: _Selection, candidates: Tensor, steerable: Tensor, bound: Tensor,
+           tau: float, latch: Tensor | None) -> None:
+    """Image scope: latch the rows where any token passed tau; add their tokens between 0 and the floor."""
+    assert sel.latched is not None
+    fired = torch.zeros_like(candidates)
+    fired[sel.idx] = sel.score > tau
+    fired = fired.flatten(1).any(1).view_as(sel.latched)
+    newly = fired & ~sel.latched
+    if newly.any():  # rows latched just now: their tokens between 0 and the floor need exact scores too
+        extra = (steerable & newly & (bound > 0) & ~candidates).nonzero(as_tuple=True)
+        z_extra = _encode(x[extra], w)
+        sel.idx = tuple(torch.cat([a, b]) for a, b in zip(sel.idx, extra, strict=True))
+        sel.z = torch.cat([sel.z, z_extra])
+        sel.score = torch.cat([sel.score, z_extra[:, w.harmful_ids] @ w.harmful_weights])
+    sel.latched = sel.latched | fired
+    if latch is not None:
+        latch.copy_(sel.latched.flatten().to(latch.device))
+
+
+def _gate(sel: _Selection, tau: float, params: SteeringParams) -> Tensor:
+    """Gate weight [n] of each selected token: in a latched row every token with g > 0 (hard), else by g."""
+    by_score = gate_open_from(sel.score, tau, params.gate)
+    if sel.latched is None:
+        return by_score
+    row_latched = sel.latched.flatten()[sel.idx[0]]
+    return torch.where(row_latched, (sel.score > 0).to(sel.score.dtype), by_score)
+
+
+def _edit(xc: Tensor, z: Tensor, gate: Tensor, w: PositionWeights, params: SteeringParams) -> Tensor:
+    """Blend then Repel on the selected tokens xc [n, d_model]; non-finite results keep their input."""
     gate = gate.unsqueeze(-1)
-
     new = xc
     if params.alpha:
         # D(z_safe) - D(z) = (a - z_H) W_dec: the decoder bias and the SAE error term cancel out.
@@ -241,14 +331,47 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
     if params.beta:
         z_h = z[:, w.harmful_ids] if not params.alpha else _encode(new, w)[:, w.harmful_ids]
         new = new - gate * params.beta * w.scale * (z_h @ w.W_dec_h)
-
     # Never introduce non-finite values (e.g. fp16 overflow): such tokens keep their input.
-    new = torch.where(torch.isfinite(new).all(-1, keepdim=True), new, xc)
-    changed = gate.squeeze(-1) > 0
+    return torch.where(torch.isfinite(new).all(-1, keepdim=True), new, xc)
+
+
+def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tensor | None = None,
+          scores_out: list | None = None, latch: Tensor | None = None, gates_out: list | None = None) -> Tensor:
+    """Steered activation x' for x [batch, tokens, d_model]; returns x itself when nothing changes.
+
+    row_mask [batch] bool selects the batch rows to steer (e.g. the cond chunk). Tokens with any
+    non-finite value are never touched. If scores_out is a list, the per-token harmful score
+    [batch, tokens] is appended to it: exact where the gate may open, and the cheap upper bound (at or
+    below the gate floor, so those tokens surely stay shut) elsewhere; 0 outside the steered rows. If
+    gates_out is a list, the gate weight [batch, tokens] in [0, 1] that this call applied (or would apply,
+    for mode Off) is appended: the Report shows exactly what was steered.
+
+    With params.scope IMAGE, a row whose score passes the threshold at any token is latched: from then on
+    every token of it with a positive harmful score is steered (hard gate). `latch` [batch] bool carries
+    the latched rows across positions and calls and is updated in place; None latches within this call.
+    """
+    if params.is_identity and scores_out is None and gates_out is None:
+        return x
+    tau = params.threshold(w.tau)
+    sel, steerable, bound = _select(x, w, params, tau, row_mask, latch)
+    gate = _gate(sel, tau, params)
+    if scores_out is not None:
+        reported = torch.where(steerable, bound, torch.zeros_like(bound))
+        reported[sel.idx] = sel.score.to(reported.dtype)
+        scores_out.append(reported)
+    if gates_out is not None:
+        applied = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+        applied[sel.idx] = gate.float()
+        gates_out.append(applied)
+    if sel.idx[0].numel() == 0 or params.is_identity:
+        return x
+    changed = gate > 0
     if not changed.any():
         return x
+    xc = x[sel.idx]
+    new = _edit(xc, sel.z, gate, w, params)
     out = x.clone()
-    out[tuple(i[changed] for i in idx)] = new[changed].to(x.dtype)
+    out[tuple(i[changed] for i in sel.idx)] = new[changed].to(x.dtype)
     return out
 
 
@@ -265,19 +388,3 @@ def rows_for_chunks(cond_or_uncond: list[int] | None, batch: int, apply_to: Appl
     per = batch // len(cond_or_uncond)
     want = 0 if apply_to == ApplyTo.COND else 1
     return torch.tensor([c == want for c in cond_or_uncond for _ in range(per)], dtype=torch.bool)
-
-
-def schedule_fraction(sigma: float, sample_sigmas: list[float] | Tensor | None) -> float:
-    """How far through the sampling schedule the current sigma is: 0 at the first step, 1 at the last."""
-    if sample_sigmas is None:
-        return 0.0
-    sigmas = [float(s) for s in sample_sigmas]
-    steps = [s for s in sigmas if s > 0] or sigmas
-    if len(steps) <= 1:
-        return 0.0
-    nearest = min(range(len(steps)), key=lambda i: abs(steps[i] - float(sigma)))
-    return nearest / (len(steps) - 1)
-
-
-def in_step_range(fraction: float, params: SteeringParams) -> bool:
-    return params.start <= fraction <= params.end

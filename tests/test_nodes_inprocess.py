@@ -205,25 +205,34 @@ def test_pack_mismatch_is_an_execution_error_naming_both(nodes, sd3):
         steer(nodes, sd3, deep)
     with pytest.raises(PackError, match="not routed in this pack"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), positions="joint.0.txt.attn")
-    with pytest.raises(SafeDIGError, match="mode 'Sideways' is not one of"):
+    with pytest.raises(SafeDIGError, match=r"unknown mode 'Sideways'.*Fix: use one of"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), mode="Sideways")
-    with pytest.raises(SafeDIGError, match="gate_scope 'pixel' is not one of"):
+    with pytest.raises(SafeDIGError, match=r"unknown gate_scope 'pixel'.*Fix: use one of"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), gate_scope="pixel")
 
 
 def test_validate_inputs_messages(nodes):
-    v = nodes.Steer.validate_inputs
-    assert v(mode="Blend", gate="hard", apply_to="cond", start_percent=0.0, end_percent=1.0) is True
-    assert "mode 'blend!' is not one of" in v(mode="blend!", gate="hard", apply_to="cond", start_percent=0,
-                                               end_percent=1)
-    assert "start_percent 0.8 is after end_percent 0.2" in v(mode="Blend", gate="hard", apply_to="cond",
-                                                             start_percent=0.8, end_percent=0.2)
-    assert "threshold_scale 5.0 is outside [0, 4]" in v(mode="Blend", gate="hard", apply_to="cond", start_percent=0,
-                                                       end_percent=1, threshold_scale=5.0)
-    assert "gate_scope 'all' is not one of" in v(mode="Blend", gate="hard", apply_to="cond", start_percent=0,
-                                                 end_percent=1, gate_scope="all")
+    """One message per problem, with the node's input names, NaN caught, long lists cut to a few examples."""
+    ok = dict(mode="Blend", blend_strength=1.0, repel_strength=1.0, gate="hard", override_threshold=False,
+              threshold=0.0, apply_to="cond", start_percent=0.0, end_percent=1.0)
+
+    def v(**kw):
+        return nodes.Steer.validate_inputs(**{**ok, **kw})
+
+    assert v() is True
+    assert v(mode="blend!").startswith("mode 'blend!' is not one of ['Off', 'Blend', 'Repel', 'Both']")
+    assert "gate_scope 'all' is not one of" in v(gate_scope="all")
+    assert v(start_percent=0.8, end_percent=0.2).startswith("step range start_percent 0.8 is after end_percent 0.2")
+    assert "threshold_scale 5.0 is out of range" in v(threshold_scale=5.0)
+    assert v(blend_strength=float("nan")).startswith("blend_strength nan is out of range. Fix: use a value in [0, 4")
+    assert v(override_threshold=True, threshold=float("inf")).startswith("threshold inf is not a finite number")
+    assert v(threshold=float("nan")) is True  # ignored while override_threshold is off
+    assert "tau_override" not in v(override_threshold=True, threshold=float("nan"))
+    assert "'single.0.out' are listed more than once" in v(positions="single.0.out, single.0.out")
+    huge = v(positions=",".join(f"nope{i}" for i in range(200_000)))
+    assert "and 199995 more" in huge and len(huge) < 1000
     # Linked (unknown until execution) values pass validation.
-    assert v(mode=None, gate=None, apply_to=None, start_percent=None, end_percent=None) is True
+    assert nodes.Steer.validate_inputs(*[None] * 9) is True
 
 
 # ------------------------------------------------------------------------- FLUX.1-dev width, real Flux

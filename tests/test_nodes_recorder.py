@@ -8,15 +8,27 @@ import pytest
 import torch
 
 from safedig_core.recorder import ScoreRecorder, _ranges, colorize, render_step_heatmap, render_token_maps
+from safedig_core.steering_math import GateKind, gate_open_from
 
 POS = ["double.0.img.attn", "double.0.txt.mlp", "single.0.out"]
 
 
+class Recorded(ScoreRecorder):
+    """A recorder fed the token-scope gate a steering hook would have applied to the scores."""
+
+    def __init__(self, gate="hard", taus=None):
+        super().__init__(POS, taus or {p: 0.5 for p in POS}, label="test")
+        self.kind = GateKind(gate)
+        self.begin(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), n_images=2)
+        self.set_grid((4, 4), patch=2)  # 2x2 image tokens
+
+    def scored(self, step, rows, per_chunk):
+        record = self.callback(step, rows, per_chunk)
+        return lambda pos, scores: record(pos, scores, gate_open_from(scores, self.taus[pos], self.kind))
+
+
 def recorder(gate="hard", taus=None):
-    rec = ScoreRecorder(POS, taus or {p: 0.5 for p in POS}, gate, label="test")
-    rec.begin(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), n_images=2)
-    rec.set_grid((4, 4), patch=2)  # 2x2 image tokens
-    return rec
+    return Recorded(gate, taus)
 
 
 def test_steps_follow_the_schedule():
@@ -30,7 +42,7 @@ def test_rows_map_to_images_and_gate_uses_tau():
     # cfg > 1 with uncond first: chunks [uncond, cond], 2 images per chunk; only cond rows (2, 3) are steered.
     rows = torch.tensor([False, False, True, True])
     img_scores = torch.tensor([[9.0, 9.0, 9.0, 9.0]] * 2 + [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.6]])
-    on_scores = rec.callback(step=1, rows=rows, per_chunk=2)
+    on_scores = rec.scored(step=1, rows=rows, per_chunk=2)
     on_scores("double.0.img.attn", img_scores)
     txt = torch.zeros(4, 3)
     txt[2, 0] = 2.0
@@ -57,18 +69,18 @@ def test_rows_map_to_images_and_gate_uses_tau():
 
 def test_soft_gate_and_quiet_generation():
     rec = recorder("soft", {p: 1.0 for p in POS})
-    rec.callback(0, None, 1)("double.0.img.attn", torch.tensor([[0.75, 0.5, 2.0, 0.0]]))
+    rec.scored(0, None, 1)("double.0.img.attn", torch.tensor([[0.75, 0.5, 2.0, 0.0]]))
     assert rec.step_matrix()[0, 0] == pytest.approx((0.5 + 0 + 1 + 0) / 4)  # soft ramp from tau/2 to tau
     quiet = recorder()
-    quiet.callback(0, None, 1)("double.0.img.attn", torch.zeros(1, 4))
+    quiet.scored(0, None, 1)("double.0.img.attn", torch.zeros(1, 4))
     assert "verdict: the gate never fired" in quiet.summary()
     assert quiet.fired_steps()["double.0.img.attn"] == []
-    assert "no generation recorded yet" in ScoreRecorder(POS, {p: 0 for p in POS}, "hard").summary()
+    assert "no generation recorded yet" in ScoreRecorder(POS, {p: 0 for p in POS}).summary()
 
 
 def test_begin_forgets_the_previous_generation():
     rec = recorder()
-    rec.callback(0, None, 1)("double.0.img.attn", torch.ones(1, 4))
+    rec.scored(0, None, 1)("double.0.img.attn", torch.ones(1, 4))
     assert rec.entries
     rec.begin([1.0, 0.0], n_images=1)
     assert not rec.entries and rec.generation == 2 and rec.n_steps == 1
@@ -76,7 +88,7 @@ def test_begin_forgets_the_previous_generation():
 
 def test_pictures():
     rec = recorder()
-    rec.callback(1, None, 2)("double.0.img.attn", torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+    rec.scored(1, None, 2)("double.0.img.attn", torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
     heat = render_step_heatmap([rec, recorder()])
     assert heat.dtype == np.uint8 and heat.ndim == 3 and heat.shape[2] == 3
     assert heat.shape[0] >= 6 * 14 and heat.shape[1] >= 4 * 14  # 2 steers x 3 positions, 4 steps
@@ -111,3 +123,35 @@ def test_the_node_pack_imports_without_comfyui():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_report_shows_exactly_the_tokens_the_image_scope_gate_steered():
+    """Under the image scope a latched image's tokens below tau are steered too: the Report must count
+    them (it records the gate the hook applied, not one re-derived from the scores)."""
+    from safedig_core import ActivationCapture, SteeringDictionary, SteeringHooks, SteeringParams
+    from safedig_core.pack import DictionaryPack
+    from safedig_core.synthetic import random_pack
+
+    from tiny_models import diffusers_flux, flux_inputs
+
+    model, inputs, pos = diffusers_flux(), flux_inputs()[1], "single.1.out"
+    meta, tensors = random_pack("flux", 64, [pos], expansion=4, k=8, seed=3)
+    dictionary = SteeringDictionary(DictionaryPack("synthetic.safetensors", meta, tensors), "target")
+    scores: list[torch.Tensor] = []
+    with torch.no_grad(), ActivationCapture(model, [pos]) as before, SteeringHooks(
+            model, dictionary, SteeringParams(mode="off"), on_scores=lambda p, s, g: scores.append(s)):
+        model(**inputs)
+    # A threshold only a few tokens of image 0 pass: the latch then opens its other tokens with g > 0.
+    tau = float(scores[0][0].quantile(0.97))
+    rec = ScoreRecorder([pos], {pos: tau}, label="latch")
+    rec.begin(torch.tensor([1.0, 0.0]), n_images=2)
+    params = SteeringParams(mode="repel", scope="image", tau_override=tau)
+    with torch.no_grad(), SteeringHooks(model, dictionary, params, on_scores=rec.callback(0, None, 2)), \
+            ActivationCapture(model, [pos]) as after:
+        model(**inputs)
+    changed = (after.activations[pos][0] != before.activations[pos][0]).any(-1)
+    recorded = rec.entries[0].gate > 0
+    below_tau = changed & (scores[0] <= tau)
+    assert below_tau.any(), "the test needs latched tokens below tau"
+    assert torch.equal(recorded, changed)
+    assert rec.step_matrix()[0, 0] == pytest.approx(float(changed.float().mean()))

@@ -209,8 +209,8 @@ def test_bad_pack_choices_are_refused_before_running(comfyui, pack, domain, expe
     ("mode", "Sideways", r"mode 'Sideways' is not one of \['Off', 'Blend', 'Repel', 'Both'\]"),
     ("apply_to", "negative", "apply_to 'negative' is not one of"),
     ("start_percent", 0.9, "start_percent 0.9 is after end_percent 0.5"),
-    ("blend_strength", 5.0, "Value 5.0 bigger than max of 4.0"),
-    ("positions", "joint.0.img.attn, img.attn.0", r"positions \['img.attn.0'\] are not position ids"),
+    ("blend_strength", 5.0, r"blend_strength 5.0 is out of range. Fix: use a value in \[0, 4.0\]"),
+    ("positions", "joint.0.img.attn, img.attn.0", r"positions 'img.attn.0' are not position ids"),
 ])
 def test_bad_steer_values_are_refused_before_running(comfyui, field, value, expected):
     with pytest.raises(PromptError) as err:

@@ -98,7 +98,7 @@ def test_exported_pack_steers_the_model_it_was_trained_on(built):
         base = pipe.transformer(**kw)[0]
         scores = {}
         with SteeringHooks(pipe, SteeringDictionary(pack, "toxic"), SteeringParams(mode="off"),
-                           on_scores=lambda p, s: scores.setdefault(p, s)):
+                           on_scores=lambda p, s, g: scores.setdefault(p, s)):
             same = pipe.transformer(**kw)[0]
         with SteeringHooks(pipe, SteeringDictionary(pack, "toxic"), SteeringParams(mode="both", tau_override=-1.0)):
             steered = pipe.transformer(**kw)[0]

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from safedig_core import SafeDIGError, SteeringDictionary, SteeringParams
 from safedig_core.pack import DictionaryPack
 from safedig_core.sae import topk_relu
-from safedig_core.steering_math import MAX_STRENGTH, ApplyTo, harmful_scores, rows_for_chunks, schedule_fraction, steer
+from safedig_core.schedule import schedule_fraction
+from safedig_core.steering_math import MAX_STRENGTH, ApplyTo, harmful_scores, rows_for_chunks, steer
 from safedig_core.synthetic import random_pack
 
 D = 16

@@ -1,0 +1,76 @@
+"""One steering setup across the model calls of sampling runs: which rows, which steps, the image latch
+and the Report's recorder. The ComfyUI Steer node wraps this in its APPLY_MODEL / OUTER_SAMPLE wrappers
+(nodes/steer.py); anything that samples step by step can use it the same way.
+
+Per model call: the rows to steer come from the sampler's cond/uncond chunk labels (uncond may come first;
+at cfg 1 there is no uncond chunk), the schedule fraction from the current sigma among the run's sigmas
+(schedule.py), and the call runs inside `SteeringHooks`, which removes its hooks in `finally`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from .hooks import SteeringDictionary, SteeringHooks
+from .positions import resolve
+from .recorder import ScoreRecorder
+from .schedule import schedule_fraction
+from .steering_math import GateScope, SteeringParams, rows_for_chunks
+
+T = TypeVar("T")
+
+
+class SamplingSteering:
+    """One steering setup (dictionary, parameters, label) and its per-run state (recorder, latch)."""
+
+    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str):
+        self.dictionary = dictionary
+        self.params = params
+        self.label = label
+        taus = {p: params.threshold(dictionary.pack.domain_features(dictionary.domain, p).tau)
+                for p in dictionary.positions}
+        self.recorder = ScoreRecorder(dictionary.positions, taus, label)
+        self.latched: Tensor | None = None  # image-scope gate: images latched in this sampling run
+
+    def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int) -> None:
+        """A new sampling run: a new Report generation, no image latched."""
+        self.recorder.begin(sigmas, n_images=n_images)
+        self.latched = None
+
+    def steer_call(self, dit: object, x: Tensor, sigma: float | Tensor, sample_sigmas: Sequence[float] | Tensor | None,
+                   chunks: list[int] | None, run: Callable[[], T]) -> T:
+        """Run one model call `run()` on input `x` [batch, ...] with the hooks this call needs."""
+        positions = resolve(dit)
+        batch = x.shape[0]
+        rows = rows_for_chunks(chunks, batch, self.params.apply_to)
+        sigma = float(sigma.flatten()[0]) if isinstance(sigma, Tensor) else float(sigma)
+        active = self.params.in_step_range(schedule_fraction(sigma, sample_sigmas))
+        rec = self.recorder
+        if not rec.started:  # a sampler that bypassed the start of the run
+            rec.begin(sample_sigmas, n_images=0)
+        per_chunk = batch // len(chunks) if chunks and batch % len(chunks) == 0 else batch
+        on_scores = None
+        if active:
+            if x.dim() >= 4:
+                rec.set_grid((int(x.shape[-2]), int(x.shape[-1])), getattr(dit, "patch_size", 1))
+            on_scores = rec.callback(rec.step_of(sigma), rows, per_chunk)
+        per_image = self._row_latch(batch, per_chunk, x.device) if active else None
+        with SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, active=active, owner=self,
+                           on_scores=on_scores, model_positions=positions, latch=per_image):
+            out = run()
+        if per_image is not None and self.latched is not None:
+            # an image latched in any chunk stays latched for the rest of the run
+            self.latched |= per_image.view(-1, self.latched.numel()).any(0).cpu()
+        return out
+
+    def _row_latch(self, batch: int, per_chunk: int, device: torch.device) -> Tensor | None:
+        """The image-scope latch for this call's rows (row r is image r % images per chunk)."""
+        if self.params.scope != GateScope.IMAGE:
+            return None
+        if self.latched is None or self.latched.numel() != per_chunk:
+            self.latched = torch.zeros(per_chunk, dtype=torch.bool)
+        return self.latched.repeat(batch // per_chunk).to(device)
