@@ -42,9 +42,13 @@ def node_params(mode, blend_strength, repel_strength, gate, override_threshold, 
     return {k: v for k, v in values.items() if v is not None or k == "tau_override"}
 
 
-def first_problem(values: dict, positions) -> SafeDIGError | None:
-    """The first problem with the node's values (each reported once, with its fix), or None."""
-    problems = param_problems(values, INPUT_NAMES)
+def first_problem(choices: dict, values: dict, positions) -> SafeDIGError | None:
+    """The first problem with the node's values (each reported once, with its fix), or None. `choices` are
+    the combo values by input name (None: linked); `values` come from node_params."""
+    options = {"mode": MODES, "gate": GATES, "apply_to": APPLY_TO, "gate_scope": SCOPES}
+    problems = [SafeDIGError(f"{name} {value!r} is not one of {options[name]}", f"pick one of {options[name]}")
+                for name, value in choices.items() if value is not None and value not in options[name]]
+    problems += param_problems(values, INPUT_NAMES)
     try:
         parse_positions(positions, ID_PATTERNS)
     except SafeDIGError as exc:
@@ -135,13 +139,10 @@ class Steer(io.ComfyNode):
     def validate_inputs(cls, mode, blend_strength, repel_strength, gate, override_threshold, threshold, apply_to,
                         start_percent, end_percent, positions=None, threshold_scale=None,
                         gate_scope=None) -> bool | str:
-        choices = [SafeDIGError(f"{name} {value!r} is not one of {options}", f"pick one of {options}")
-                   for name, value, options in (("mode", mode, MODES), ("gate", gate, GATES),
-                                                ("apply_to", apply_to, APPLY_TO), ("gate_scope", gate_scope, SCOPES))
-                   if value is not None and value not in options]
         values = node_params(None, blend_strength, repel_strength, None, override_threshold, threshold, None,
                              start_percent, end_percent, threshold_scale, None)
-        problem = choices[0] if choices else first_problem(values, positions)
+        problem = first_problem(dict(mode=mode, gate=gate, apply_to=apply_to, gate_scope=gate_scope), values,
+                                positions)
         return True if problem is None else str(problem)
 
     @classmethod
@@ -151,7 +152,8 @@ class Steer(io.ComfyNode):
         values = node_params(mode, blend_strength, repel_strength, gate, override_threshold, threshold, apply_to,
                              start_percent, end_percent, 1.0 if threshold_scale is None else threshold_scale,
                              gate_scope or "image")
-        problem = first_problem(values, positions)
+        problem = first_problem(dict(mode=mode, gate=gate, apply_to=apply_to, gate_scope=gate_scope), values,
+                                positions)
         if problem is not None:
             raise problem
         if not isinstance(dictionary, SteeringDictionary):

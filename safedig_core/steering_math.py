@@ -93,7 +93,7 @@ def param_problems(values: Mapping[str, Any], names: Mapping[str, str] | None = 
     for field, (cls, what) in _ENUMS.items():
         if field in values:
             try:
-                _enum(cls, values[field], what if names is None or field not in names else name(field))
+                _enum(cls, values[field], name(field) if field in (names or {}) else what)
             except SafeDIGError as exc:
                 out.append(exc)
     for field in ("blend_strength", "repel_strength"):

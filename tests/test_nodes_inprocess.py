@@ -205,9 +205,9 @@ def test_pack_mismatch_is_an_execution_error_naming_both(nodes, sd3):
         steer(nodes, sd3, deep)
     with pytest.raises(PackError, match="not routed in this pack"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), positions="joint.0.txt.attn")
-    with pytest.raises(SafeDIGError, match=r"unknown mode 'Sideways'.*Fix: use one of"):
+    with pytest.raises(SafeDIGError, match=r"mode 'Sideways' is not one of \['Off', 'Blend', 'Repel', 'Both'\]"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), mode="Sideways")
-    with pytest.raises(SafeDIGError, match=r"unknown gate_scope 'pixel'.*Fix: use one of"):
+    with pytest.raises(SafeDIGError, match=r"gate_scope 'pixel' is not one of \['token', 'image'\]"):
         steer(nodes, sd3, firing_dictionary("sd3", 128, SD3_POSITIONS), gate_scope="pixel")
 
 
