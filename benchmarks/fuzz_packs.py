@@ -1,7 +1,8 @@
 """Documented fuzz run of pack loading (issue: hostile input). Mutates a valid pack N times (header JSON,
-lengths, dtypes, shapes, offsets, metadata values, truncation, tensor bytes) and checks that every case
-either loads as a valid pack or raises PackError with a clear message; records outcomes, the slowest
-case and peak memory.
+lengths, dtypes, shapes, offsets, metadata values, metadata of the wrong JSON type at any field,
+truncation, tensor bytes) and checks that every case either loads as a valid pack or raises PackError
+with a clear message, and that the header pass alone agrees; records outcomes, the slowest case and
+peak memory.
 
     .venv/bin/python benchmarks/fuzz_packs.py --cases 10000      # writes benchmarks/results/fuzz_packs.json
 """

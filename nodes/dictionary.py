@@ -39,16 +39,13 @@ class LoadDictionary(io.ComfyNode):
     def validate_inputs(cls, pack, domain) -> bool | str:
         if pack is None:  # linked: checked at execution
             return True
-        try:
-            path = packs.resolve_pack(pack)
-            info = packs.pack_summary(path)
+        try:  # the whole header pass (metadata schema, tensor shapes): a bad pack is refused with HTTP 400
+            info = packs.pack_summary(packs.resolve_pack(pack))
         except SafeDIGError as exc:
             return str(exc)
-        except (OSError, ValueError) as exc:
-            return f"pack {pack!r} cannot be read ({exc}). Fix: re-download or re-export the pack."
-        if domain is not None and domain != packs.SOURCE_DOMAIN and domain not in info["domains"]:
+        if domain is not None and domain != packs.SOURCE_DOMAIN and domain not in info.domains:
             return (f"pack {pack!r} has no domain {domain!r}. Fix: choose {packs.SOURCE_DOMAIN} or one of "
-                    f"{info['domains']}.")
+                    f"{list(info.domains)}.")
         return True
 
     @classmethod

@@ -7,18 +7,19 @@ folders: absolute names, `..` and symlinks that lead outside every folder are re
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import folder_paths
 
 from safedig_core.errors import PackError
-from safedig_core.pack import K_DOMAINS, K_SOURCE_DOMAIN, METADATA_KEY, PACK_SUFFIX, read_header
+from safedig_core.pack import PACK_SUFFIX, PackSummary, read_summary
 
 FOLDER = "safedig"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "dictionaries"
 SOURCE_DOMAIN = "(source)"  # the Load Dictionary domain option meaning "the pack's source domain"
+log = logging.getLogger("safedig")
 
 
 def register_folder() -> list[str]:
@@ -55,7 +56,10 @@ def _fix_hint() -> str:
 def resolve_pack(name: str) -> str:
     """Absolute path of pack `name` inside a registered folder, or a PackError naming the searched folders."""
     folders = search_folders()
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str):
+        raise PackError(f"the pack value {name!r:.60} ({type(name).__name__}) is not a pack file name; it must be "
+                        "the name of a .safetensors file in the safedig folders", _fix_hint())
+    if not name.strip():
         raise PackError("no pack selected", _fix_hint())
     if (os.path.isabs(name) or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
             or ".." in PurePosixPath(name.replace("\\", "/")).parts):
@@ -76,33 +80,42 @@ def resolve_pack(name: str) -> str:
     raise PackError(f"pack {name!r} not found; searched: {folders}", _fix_hint())
 
 
-_header_cache: dict[str, tuple[tuple[int, int], dict]] = {}
+_summaries: dict[str, tuple[tuple[int, int], PackSummary | PackError]] = {}
 
 
-def pack_summary(path: str) -> dict:
-    """{'domains': [...], 'source': str} from the pack header alone (cached by mtime and size)."""
-    st = os.stat(path)
+def pack_summary(path: str) -> PackSummary:
+    """The pack's checked header (safedig_core.pack.read_summary), cached by mtime and size: the node list
+    reads every pack each time it is built. Raises the pack's PackError (also cached) if it is malformed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_summary(path)  # gone or unreadable: read_summary names the problem
     key = (st.st_mtime_ns, st.st_size)
-    cached = _header_cache.get(path)
-    if cached and cached[0] == key:
-        return cached[1]
-    header = read_header(path)
-    meta = json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
-    info = {"domains": list(meta.get(K_DOMAINS, {})), "source": meta.get(K_SOURCE_DOMAIN)}
-    _header_cache[path] = (key, info)
-    return info
+    cached = _summaries.get(path)
+    if cached is None or cached[0] != key:
+        try:
+            result: PackSummary | PackError = read_summary(path)
+        except PackError as exc:
+            result = exc
+            # One line per file version: the node list is rebuilt on every page load.
+            log.warning("SafeDIG: pack left out of the domain list until it is fixed: %s", exc)
+        cached = _summaries[path] = (key, result)
+    result = cached[1]
+    if isinstance(result, PackError):
+        raise PackError(result.problem, result.fix, path=result.path)
+    return result
 
 
 def all_domains() -> list[str]:
-    """The domain combo's options: '(source)' plus every domain named by any pack in the folders."""
+    """The domain combo's options: '(source)' plus every domain named by any valid pack in the folders.
+    A malformed pack is skipped here (one log line) and reported when it is chosen."""
     names: list[str] = []
     for name in list_packs():
         try:
-            for d in pack_summary(resolve_pack(name))["domains"]:
-                if d not in names:
-                    names.append(d)
-        except (PackError, OSError, ValueError):
-            continue  # a broken pack is reported when it is selected, not while listing
+            summary = pack_summary(resolve_pack(name))
+        except PackError:
+            continue
+        names += [d for d in summary.domains if d not in names]
     return [SOURCE_DOMAIN, *names]
 
 

@@ -5,10 +5,12 @@ Tensors (names built by the functions below, never by hand elsewhere):
     encoder.{position}.b_pre  [d_model]
     decoder.{domain}.{position}.W_dec  [d_sae, d_model]   decoder.{domain}.{position}.b_dec  [d_model]
 
-Metadata: the safetensors header's `__metadata__[METADATA_KEY]` is one JSON document (schema in
-docs/pack-format.md). The header is parsed and checked by this module before any tensor is read, so a
-malformed or hostile file is refused with a PackError (naming the file, the problem and the fix) and
-never makes us allocate what it merely declares.
+Metadata: the safetensors header's `__metadata__[METADATA_KEY]` is one JSON document, written only by
+`build_metadata` and checked against `METADATA_SCHEMA` (every field's JSON type and range) and then
+against itself and the tensor shapes (docs/pack-format.md). The header is parsed and checked by this
+module before any tensor is read, so a malformed or hostile file is refused with a PackError (naming the
+file, the problem and the fix) and never makes us allocate what it merely declares. `read_summary` is
+that header pass alone (cheap: no tensor data is read); `load_pack` is the header pass plus the tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ArchitectureError, PackError
-from .positions import ModelPositions, get_architecture
+from .positions import Architecture, ModelPositions, get_architecture
 
 PACK_SUFFIX = ".safetensors"
 METADATA_KEY = "safedig"
@@ -46,6 +48,7 @@ K_SOURCE_DOMAIN = "source_domain"
 K_DOMAINS = "domains"
 K_PROVENANCE = "provenance"
 K_CANDIDATES = "candidates"  # in routing: one entry per candidate position
+K_POSITION = "position"  # in each candidate: its position id
 K_SCORE = "score"  # in each candidate: the final routing score
 # Per position
 K_D_SAE = "d_sae"
@@ -68,6 +71,10 @@ _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 # A pack header is a few hundred KB at most; refuse absurd declared sizes before reading them.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSOR_ELEMENTS = 2**34
+MAX_SIZE = 2**31  # the largest d_model / d_sae / k / latent id the schema accepts
+
+REEXPORT = "re-export the pack with `python -m safedig_core export`"
+SCHEMA_FIX = f"{REEXPORT} (the metadata schema is in docs/pack-format.md), or re-download it"
 
 
 def encoder_key(position: str, name: str) -> str:
@@ -80,12 +87,14 @@ def decoder_key(domain: str, position: str, name: str) -> str:
 
 @dataclass(frozen=True)
 class DomainFeatures:
-    """Per position, per domain: weights of the harmful latents, the safe anchor and the gate threshold."""
+    """Per position, per domain: weights of the harmful latents, the safe anchor and the gate threshold.
+    `extra` holds further per-position figures stored beside them (e.g. detection_auroc)."""
 
     harmful_weights: list[float]
     anchor_ids: list[int]
     anchor_values: list[float]
     tau: float
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,28 @@ class PositionInfo:
     scale: float
     harmful_ids: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DomainEntry:
+    """One domain of a pack being written: its features per position. `adapted_from` is None for the
+    source domain; `extra` is stored beside role and features (e.g. the tau calibration)."""
+
+    features: Mapping[str, DomainFeatures]
+    adapted_from: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What the header of a valid pack says, read without its tensor data (`read_summary`)."""
+
+    path: str
+    architecture: str
+    d_model: int
+    positions: tuple[str, ...]
+    source_domain: str
+    domains: tuple[str, ...]
 
 
 @dataclass
@@ -134,8 +165,8 @@ class DictionaryPack:
     def domain_features(self, domain: str, position: str) -> DomainFeatures:
         self.require_domain(domain)
         f = self.metadata[K_DOMAINS][domain][K_FEATURES][position]
-        return DomainFeatures(list(f[K_HARMFUL_WEIGHTS]), list(f[K_ANCHOR_IDS]),
-                              list(f[K_ANCHOR_VALUES]), float(f[K_TAU]))
+        return DomainFeatures(list(f[K_HARMFUL_WEIGHTS]), list(f[K_ANCHOR_IDS]), list(f[K_ANCHOR_VALUES]),
+                              float(f[K_TAU]), {k: v for k, v in f.items() if k not in _FEATURE_KEYS})
 
     def require_domain(self, domain: str) -> None:
         if domain not in self.metadata[K_DOMAINS]:
@@ -159,7 +190,49 @@ class DictionaryPack:
             )
 
 
-# ----------------------------------------------------------------------------------------------- save
+_FEATURE_KEYS = (K_HARMFUL_WEIGHTS, K_ANCHOR_IDS, K_ANCHOR_VALUES, K_TAU)
+
+
+# ------------------------------------------------------------------------------------------- write
+
+
+def build_metadata(*, architecture: str, d_model: int, positions: Mapping[str, PositionInfo], source_domain: str,
+                   domains: Mapping[str, DomainEntry], sae: Mapping[str, Any], routing: Mapping[str, Any],
+                   provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The `safedig` metadata document of a pack (the only place that lays it out). `save_pack` checks it."""
+
+    def with_extra(extra: Mapping[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(set(extra) & set(fields))
+        if clash:
+            raise ValueError(f"extra metadata keys {clash} would overwrite fields of the pack format")
+        return {**fields, **extra}
+
+    def feature_entry(f: DomainFeatures) -> dict[str, Any]:
+        return with_extra(f.extra, {K_HARMFUL_WEIGHTS: list(f.harmful_weights), K_ANCHOR_IDS: list(f.anchor_ids),
+                                    K_ANCHOR_VALUES: list(f.anchor_values), K_TAU: f.tau})
+
+    def domain_entry(name: str, d: DomainEntry) -> dict[str, Any]:
+        fields = {K_ROLE: ROLE_SOURCE if name == source_domain else ROLE_TARGET,
+                  K_FEATURES: {p: feature_entry(f) for p, f in d.features.items()}}
+        if d.adapted_from is not None:
+            fields[K_ADAPTED_FROM] = d.adapted_from
+        return with_extra(d.extra, fields)
+
+    return {
+        K_FORMAT_VERSION: FORMAT_VERSION,
+        K_ARCHITECTURE: architecture,
+        K_D_MODEL: d_model,
+        K_POSITIONS: {
+            p: {K_D_MODEL: i.d_model, K_D_SAE: i.d_sae, K_K: i.k, K_SCALE: i.scale, K_HARMFUL_IDS: list(i.harmful_ids),
+                **({K_METRICS: dict(i.metrics)} if i.metrics else {})}
+            for p, i in positions.items()
+        },
+        K_SAE: dict(sae),
+        K_ROUTING: dict(routing),
+        K_SOURCE_DOMAIN: source_domain,
+        K_DOMAINS: {name: domain_entry(name, d) for name, d in domains.items()},
+        K_PROVENANCE: dict(provenance),
+    }
 
 
 def save_pack(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
@@ -172,7 +245,7 @@ def save_pack(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Map
     meta.setdefault(K_FORMAT_VERSION, FORMAT_VERSION)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _validate(str(path), meta, {k: (_dtype_name(v.dtype, path), list(v.shape)) for k, v in tensors.items()})
-    _check_values(str(path), meta, tensors)
+    _check_values(str(path), tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -190,12 +263,33 @@ def _dtype_name(dtype: torch.dtype, path) -> str:
     raise PackError(f"tensor dtype {dtype} cannot be stored", "store float32, float16 or bfloat16", path=path)
 
 
-# ----------------------------------------------------------------------------------------------- load
+# -------------------------------------------------------------------------------------------- read
 
 
 def load_pack(path: str | os.PathLike) -> DictionaryPack:
     """Read and fully validate a pack; every problem becomes a PackError."""
     path = os.fspath(path)
+    header, meta = _checked_header(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in header}
+    except Exception as exc:  # safetensors raises several types; the header was already checked
+        raise PackError(f"tensor data cannot be read ({exc})", "re-download or re-export the pack", path=path) from None
+    _check_values(path, tensors)
+    return DictionaryPack(path, meta, tensors)
+
+
+def read_summary(path: str | os.PathLike) -> PackSummary:
+    """The header pass of `load_pack` alone: everything but the tensor values is checked (metadata
+    schema, tensor names and shapes against the metadata); no tensor data is read."""
+    path = os.fspath(path)
+    _, meta = _checked_header(path)
+    return PackSummary(path, meta[K_ARCHITECTURE], meta[K_D_MODEL], tuple(meta[K_POSITIONS]),
+                       meta[K_SOURCE_DOMAIN], tuple(meta[K_DOMAINS]))
+
+
+def _checked_header(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor entries of the header, validated metadata): the whole check that needs no tensor data."""
     header = read_header(path)
     raw_meta = header.pop("__metadata__", None)
     if not isinstance(raw_meta, dict) or METADATA_KEY not in raw_meta:
@@ -203,16 +297,10 @@ def load_pack(path: str | os.PathLike) -> DictionaryPack:
                         "load a pack written by `python -m safedig_core export`", path=path)
     try:
         meta = json.loads(raw_meta[METADATA_KEY])
-    except (TypeError, ValueError) as exc:
-        raise PackError(f"pack metadata is not valid JSON ({exc})", "re-export the pack", path=path) from None
+    except ValueError as exc:
+        raise PackError(f"pack metadata is not valid JSON ({exc})", REEXPORT, path=path) from None
     _validate(path, meta, {k: (v["dtype"], v["shape"]) for k, v in header.items()})
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in header}
-    except Exception as exc:  # safetensors raises several types; the header was already checked
-        raise PackError(f"tensor data cannot be read ({exc})", "re-download or re-export the pack", path=path) from None
-    _check_values(path, meta, tensors)
-    return DictionaryPack(path, meta, tensors)
+    return header, meta
 
 
 def read_header(path: str) -> dict[str, Any]:
@@ -221,30 +309,57 @@ def read_header(path: str) -> dict[str, Any]:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise PackError(f"file is truncated ({size} bytes, no header)", "re-download the pack", path=path)
+            _check_header_length(path, prefix, size)
             (n,) = struct.unpack("<Q", prefix)
-            if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
-                raise PackError(
-                    f"header length {n} is impossible for a {size}-byte file (truncated or not safetensors)",
-                    "re-download the pack; packs are .safetensors files written by SafeDIG", path=path)
             raw = f.read(n)
     except FileNotFoundError:
         raise PackError("file not found", "check the path, or put the pack in models/safedig/", path=path) from None
     except IsADirectoryError:
         raise PackError("is a directory, not a pack file", "point to a .safetensors pack", path=path) from None
+    except OSError as exc:
+        raise PackError(f"cannot be read ({exc.strerror or exc})", "check that the file is readable by the user "
+                        "running SafeDIG", path=path) from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise PackError("header is not valid JSON", "re-download the pack", path=path) from None
     if not isinstance(header, dict):
         raise PackError("header is not a JSON object", "re-download the pack", path=path)
-    data_len = size - 8 - n
+    _check_entries(path, header, size - 8 - n)
+    return header
+
+
+# Files people rename to .safetensors; their first bytes say what they are.
+_FOREIGN_FORMATS = (
+    (b"PK\x03\x04", "a zip archive (the format torch.save writes: a pickle inside)"),
+    *((bytes([0x80, proto]), "a Python pickle (an older torch.save or pickle.dump file)") for proto in range(2, 6)),
+)
+
+
+def _check_header_length(path: str, prefix: bytes, size: int) -> None:
+    for magic, kind in _FOREIGN_FORMATS:
+        if prefix.startswith(magic):
+            raise PackError(f"is {kind}, not a safetensors file; SafeDIG never loads pickles, which can run code",
+                            "use a SafeDIG pack: a .safetensors file written by `python -m safedig_core export`",
+                            path=path)
+    if len(prefix) < 8:
+        raise PackError(f"file is truncated ({size} bytes, no header)", "re-download the pack", path=path)
+    (n,) = struct.unpack("<Q", prefix)
+    if n < 2 or n > size - 8:
+        raise PackError(f"header length {n} is impossible for a {size}-byte file (truncated or not safetensors)",
+                        "re-download the pack; packs are .safetensors files written by SafeDIG", path=path)
+    if n > MAX_HEADER_BYTES:
+        raise PackError(f"header is {n} bytes, over the header-size cap of {MAX_HEADER_BYTES} bytes "
+                        f"({MAX_HEADER_BYTES // 2**20} MiB) that SafeDIG reads; a pack's header is a few hundred KB",
+                        f"{REEXPORT}: packs SafeDIG writes stay far below the cap", path=path)
+
+
+def _check_entries(path: str, header: dict[str, Any], data_len: int) -> None:
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                raise PackError("__metadata__ must map strings to strings", "re-export the pack", path=path)
+                raise PackError("__metadata__ must map strings to strings", REEXPORT, path=path)
             continue
         dtype, shape, offsets = _entry_fields(path, name, entry)
         numel = math.prod(shape)
@@ -257,136 +372,244 @@ def read_header(path: str) -> dict[str, Any]:
     spans.sort()
     for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
-            raise PackError(f"tensors {n0!r} and {n1!r} overlap", "re-export the pack", path=path)
-    return header
+            raise PackError(f"tensors {n0!r} and {n1!r} overlap", REEXPORT, path=path)
 
 
 def _entry_fields(path: str, name: str, entry: Any) -> tuple[str, list[int], list[int]]:
     if not isinstance(entry, dict):
-        raise PackError(f"header entry {name!r} is not an object", "re-export the pack", path=path)
+        raise PackError(f"header entry {name!r} is not an object", REEXPORT, path=path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
         raise PackError(f"tensor {name!r} has dtype {dtype!r}; packs store F32, F16 or BF16",
                         "re-export the pack with a float dtype", path=path)
     if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
             or math.prod(shape) > MAX_TENSOR_ELEMENTS):
-        raise PackError(f"tensor {name!r} has an invalid shape {shape!r}", "re-export the pack", path=path)
+        raise PackError(f"tensor {name!r} has an invalid shape {shape!r}", REEXPORT, path=path)
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
-        raise PackError(f"tensor {name!r} has invalid data_offsets {offsets!r}", "re-export the pack", path=path)
+        raise PackError(f"tensor {name!r} has invalid data_offsets {offsets!r}", REEXPORT, path=path)
     return dtype, shape, offsets
 
 
-# ------------------------------------------------------------------------------------------ validation
+# ---------------------------------------------------------------------------------- metadata schema
+# Every field's JSON type and range; what one field says about another (ids below d_sae, features for
+# every routed position, ...) is checked after the schema, by _check_references.
 
 
-def _validate(path: str, meta: Any, tensors: Mapping[str, tuple[str, list[int]]]) -> None:
-    """Check the metadata schema and that the tensors are exactly those it implies, with the right shapes."""
+@dataclass(frozen=True)
+class Leaf:
+    """A JSON value that is `expected` (the words used in the message) when `ok` says so."""
 
-    def fail(problem: str, fix: str = "re-export the pack with `python -m safedig_core export`"):
-        raise PackError(problem, fix, path=path)
+    expected: str
+    ok: Callable[[Any], bool]
 
-    def need(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-        if not isinstance(obj, dict) or key not in obj:
-            fail(f"metadata is missing {where}{key!r}")
-        value = obj[key]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
-            fail(f"metadata {where}{key!r} has the wrong type ({type(value).__name__})")
-        return value
 
-    if not isinstance(meta, dict):
-        fail("metadata is not a JSON object")
-    version = need(meta, K_FORMAT_VERSION, int, "")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        fail(f"unknown pack format version {version} (this SafeDIG reads {list(SUPPORTED_FORMAT_VERSIONS)})",
-             "update SafeDIG, or re-export the pack with this version")
-    arch = need(meta, K_ARCHITECTURE, str, "")
-    try:
-        architecture = get_architecture(arch)
-    except ArchitectureError as exc:
-        fail(f"unknown architecture {arch!r}", exc.fix or "")
-    d_model = need(meta, K_D_MODEL, int, "")
-    positions = need(meta, K_POSITIONS, dict, "")
-    if not positions:
-        fail("pack has no positions")
-    need(meta, K_SAE, dict, "")
-    need(meta, K_PROVENANCE, dict, "")
-    candidates = need(need(meta, K_ROUTING, dict, ""), K_CANDIDATES, list, "routing.")
-    for c in candidates:
-        if not (isinstance(c, dict) and isinstance(c.get("position"), str) and _finite_number(c.get(K_SCORE))
-                and all(_finite_number(v) or isinstance(v, (str, bool)) for v in c.values())):
-            fail(f"routing candidate {c!r:.80} needs a position, a finite score and plain values")
-    domains = need(meta, K_DOMAINS, dict, "")
-    source = need(meta, K_SOURCE_DOMAIN, str, "")
-    if source not in domains:
-        fail(f"source domain {source!r} has no entry in domains {sorted(domains)}")
+@dataclass(frozen=True)
+class Obj:
+    """A JSON object with these required and optional fields; keys not named are free unless `others`
+    says what their values must be."""
 
-    expected: dict[str, list[int]] = {}
-    for pos, info in positions.items():
-        where = f"positions[{pos!r}]."
-        if not architecture.id_pattern.match(pos):
-            fail(f"position {pos!r} is not a {arch} position id")
-        pd = need(info, K_D_MODEL, int, where)
-        if pd != d_model:
-            fail(f"position {pos!r} has d_model {pd}, pack says {d_model}")
-        d_sae = need(info, K_D_SAE, int, where)
-        k = need(info, K_K, int, where)
-        scale = need(info, K_SCALE, (int, float), where)
-        if d_sae <= 0 or not 0 < k <= d_sae or not (math.isfinite(scale) and scale > 0):
-            fail(f"position {pos!r} has invalid sizes (d_sae {d_sae}, k {k}, scale {scale})")
-        metrics = info.get(K_METRICS, {})
-        if not isinstance(metrics, dict) or not all(_finite_number(v) for v in metrics.values()):
-            fail(f"position {pos!r} metrics must map names to finite numbers")
-        ids = need(info, K_HARMFUL_IDS, list, where)
-        if not ids or not all(type(i) is int and 0 <= i < d_sae for i in ids) or len(set(ids)) != len(ids):
-            fail(f"position {pos!r} harmful_ids must be distinct ints in [0, {d_sae})")
-        expected[encoder_key(pos, "W_enc")] = [d_sae, d_model]
-        expected[encoder_key(pos, "b_enc")] = [d_sae]
-        expected[encoder_key(pos, "b_pre")] = [d_model]
+    required: Mapping[str, Spec]
+    optional: Mapping[str, Spec] = field(default_factory=dict)
+    others: Spec | None = None
 
-    for domain, entry in domains.items():
-        where = f"domains[{domain!r}]."
-        if not domain or "." in domain:
-            fail(f"domain name {domain!r} must be non-empty and contain no '.'")
-        role = need(entry, K_ROLE, str, where)
-        if role != (ROLE_SOURCE if domain == source else ROLE_TARGET):
-            fail(f"domain {domain!r} has role {role!r}; the source domain is {source!r}")
-        if role == ROLE_TARGET and need(entry, K_ADAPTED_FROM, str, where) not in domains:
-            fail(f"domain {domain!r} is adapted from an unknown domain")
-        features = need(entry, K_FEATURES, dict, where)
-        if set(features) != set(positions):
-            fail(f"domain {domain!r} has features for {sorted(features)} but the pack routes {sorted(positions)}")
-        for pos, f in features.items():
-            fw = f"{where}features[{pos!r}]."
-            n_harm, d_sae = len(positions[pos][K_HARMFUL_IDS]), positions[pos][K_D_SAE]
-            weights = need(f, K_HARMFUL_WEIGHTS, list, fw)
-            if len(weights) != n_harm or not all(_finite_number(w) and w >= 0 for w in weights):
-                fail(f"{fw}harmful_weights needs {n_harm} finite non-negative numbers")
-            a_ids, a_vals = need(f, K_ANCHOR_IDS, list, fw), need(f, K_ANCHOR_VALUES, list, fw)
-            if (len(a_ids) != len(a_vals) or not all(type(i) is int and 0 <= i < d_sae for i in a_ids)
-                    or not all(_finite_number(v) for v in a_vals)):
-                fail(f"{fw}safe anchor ids/values must be equal-length lists of latent ids and finite numbers")
-            tau = need(f, K_TAU, (int, float), fw)
-            if not math.isfinite(tau):
-                fail(f"{fw}tau must be finite")
-            expected[decoder_key(domain, pos, "W_dec")] = [positions[pos][K_D_SAE], d_model]
-            expected[decoder_key(domain, pos, "b_dec")] = [d_model]
 
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        fail(f"missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        fail(f"unexpected tensor {extra[0]!r} not described by the metadata")
-    for name, shape in expected.items():
-        if list(tensors[name][1]) != shape:
-            fail(f"tensor {name!r} has shape {list(tensors[name][1])}, expected {shape}")
+@dataclass(frozen=True)
+class MapOf:
+    """A JSON object whose keys are names (ids, domains) and whose values all follow `values`."""
+
+    values: Spec
+    min_len: int = 0
+
+
+@dataclass(frozen=True)
+class ListOf:
+    items: Spec
+    min_len: int = 0
+
+
+Spec = Leaf | Obj | MapOf | ListOf
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an int beyond float range
+        return False
 
 
-def _check_values(path: str, meta: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+INTEGER = Leaf("an integer", _is_int)
+SIZE = Leaf(f"a whole number in [1, {MAX_SIZE}]", lambda x: _is_int(x) and 1 <= x <= MAX_SIZE)
+LATENT_ID = Leaf(f"a whole number in [0, {MAX_SIZE})", lambda x: _is_int(x) and 0 <= x < MAX_SIZE)
+NAME = Leaf("a non-empty string", lambda x: isinstance(x, str) and bool(x))
+FINITE = Leaf("a finite number", _finite_number)
+NON_NEGATIVE = Leaf("a finite number >= 0", lambda x: _finite_number(x) and x >= 0)
+POSITIVE = Leaf("a finite number > 0", lambda x: _finite_number(x) and x > 0)
+PLAIN = Leaf("a finite number, a string or true/false", lambda x: _finite_number(x) or isinstance(x, (str, bool)))
+ROLE = Leaf(f"{ROLE_SOURCE!r} or {ROLE_TARGET!r}", lambda x: x in (ROLE_SOURCE, ROLE_TARGET))
+
+POSITION_SCHEMA = Obj({K_D_MODEL: SIZE, K_D_SAE: SIZE, K_K: SIZE, K_SCALE: POSITIVE,
+                       K_HARMFUL_IDS: ListOf(LATENT_ID, min_len=1)},
+                      optional={K_METRICS: MapOf(FINITE)})
+FEATURES_SCHEMA = Obj({K_HARMFUL_WEIGHTS: ListOf(NON_NEGATIVE), K_ANCHOR_IDS: ListOf(LATENT_ID),
+                       K_ANCHOR_VALUES: ListOf(FINITE), K_TAU: FINITE})
+DOMAIN_SCHEMA = Obj({K_ROLE: ROLE, K_FEATURES: MapOf(FEATURES_SCHEMA)}, optional={K_ADAPTED_FROM: NAME})
+CANDIDATE_SCHEMA = Obj({K_POSITION: NAME, K_SCORE: FINITE}, others=PLAIN)
+METADATA_SCHEMA = Obj({
+    K_FORMAT_VERSION: INTEGER,
+    K_ARCHITECTURE: NAME,
+    K_D_MODEL: SIZE,
+    K_POSITIONS: MapOf(POSITION_SCHEMA, min_len=1),
+    K_ROUTING: Obj({K_CANDIDATES: ListOf(CANDIDATE_SCHEMA)}),
+    K_SAE: Obj({}),
+    K_SOURCE_DOMAIN: NAME,
+    K_DOMAINS: MapOf(DOMAIN_SCHEMA, min_len=1),
+    K_PROVENANCE: Obj({}),
+})
+
+
+def schema_problem(spec: Spec, value: Any, where: str = "") -> str | None:
+    """The first way `value` breaks `spec`, as 'metadata field <where> must be ..., got ...'; None if it fits."""
+    name = f"metadata field {where}" if where else "metadata"
+    if isinstance(spec, Leaf):
+        return None if spec.ok(value) else f"{name} must be {spec.expected}, got {_json_kind(value)}"
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list):
+            return f"{name} must be a list, got {_json_kind(value)}"
+        if len(value) < spec.min_len:
+            return f"{name} must hold at least {spec.min_len} item(s), got an empty list"
+        return _first(schema_problem(spec.items, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if not isinstance(value, dict):
+        return f"{name} must be a JSON object, got {_json_kind(value)}"
+    if isinstance(spec, MapOf):
+        if len(value) < spec.min_len:
+            return f"{name} must hold at least {spec.min_len} entr{'y' if spec.min_len == 1 else 'ies'}, got none"
+        return _first(schema_problem(spec.values, v, f"{where}[{k!r}]") for k, v in value.items())
+    prefix = f"{where}." if where else ""
+    missing = [k for k in spec.required if k not in value]
+    if missing:
+        return f"{name} has no {missing[0]!r} field" + (f" (nor {missing[1:]})" if len(missing) > 1 else "")
+    fields = {**spec.required, **spec.optional}
+    return _first(schema_problem(fields.get(k) or spec.others, v, f"{prefix}{k}")  # type: ignore[arg-type]
+                  for k, v in value.items() if k in fields or spec.others is not None)
+
+
+def _first(problems) -> str | None:
+    return next((p for p in problems if p is not None), None)
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {str(value)[:30]}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return "a list" if isinstance(value, list) else "a JSON object"
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def validate_metadata(path: str, meta: Any) -> Architecture:
+    """Check a metadata document: its format version, the schema, then what its fields say about each
+    other. Returns the pack's architecture; every problem is a PackError naming the field."""
+    version = meta.get(K_FORMAT_VERSION) if isinstance(meta, dict) else None
+    if _is_int(version) and version not in SUPPORTED_FORMAT_VERSIONS:
+        raise PackError(f"unknown pack format version {version} (this SafeDIG reads {list(SUPPORTED_FORMAT_VERSIONS)})",
+                        "update SafeDIG, or re-export the pack with this version", path=path)
+    problem = schema_problem(METADATA_SCHEMA, meta)
+    if problem:
+        raise PackError(problem, SCHEMA_FIX, path=path)
+    try:
+        architecture = get_architecture(meta[K_ARCHITECTURE])
+    except ArchitectureError as exc:
+        raise PackError(f"unknown architecture {meta[K_ARCHITECTURE]!r}", exc.fix or "", path=path) from None
+    problem = _position_problem(meta, architecture) or _domain_problem(meta)
+    if problem:
+        raise PackError(problem, REEXPORT, path=path)
+    return architecture
+
+
+def _position_problem(meta: dict[str, Any], architecture: Architecture) -> str | None:
+    d_model = meta[K_D_MODEL]
+    for pos, info in meta[K_POSITIONS].items():
+        d_sae, ids = info[K_D_SAE], info[K_HARMFUL_IDS]
+        if not architecture.id_pattern.match(pos):
+            return f"position {pos!r} is not a {architecture.key} position id"
+        if info[K_D_MODEL] != d_model:
+            return f"position {pos!r} has d_model {info[K_D_MODEL]}, pack says {d_model}"
+        if info[K_K] > d_sae:
+            return f"position {pos!r} has k {info[K_K]} above its d_sae {d_sae}"
+        if not all(i < d_sae for i in ids) or len(set(ids)) != len(ids):
+            return f"position {pos!r} harmful_ids must be distinct ints in [0, {d_sae})"
+    return None
+
+
+def _domain_problem(meta: dict[str, Any]) -> str | None:
+    positions, domains, source = meta[K_POSITIONS], meta[K_DOMAINS], meta[K_SOURCE_DOMAIN]
+    if source not in domains:
+        return f"source domain {source!r} has no entry in domains {sorted(domains)}"
+    for domain, entry in domains.items():
+        role = entry[K_ROLE]
+        if not domain or "." in domain:
+            return f"domain name {domain!r} must be non-empty and contain no '.'"
+        if role != (ROLE_SOURCE if domain == source else ROLE_TARGET):
+            return f"domain {domain!r} has role {role!r}; the source domain is {source!r}"
+        if role == ROLE_TARGET and entry.get(K_ADAPTED_FROM) not in domains:
+            return f"domain {domain!r} is adapted from an unknown domain ({entry.get(K_ADAPTED_FROM)!r})"
+        features = entry[K_FEATURES]
+        if set(features) != set(positions):
+            return f"domain {domain!r} has features for {sorted(features)} but the pack routes {sorted(positions)}"
+        for pos, f in features.items():
+            where = f"domains[{domain!r}].features[{pos!r}]."
+            n_harm, d_sae = len(positions[pos][K_HARMFUL_IDS]), positions[pos][K_D_SAE]
+            if len(f[K_HARMFUL_WEIGHTS]) != n_harm:
+                return f"{where}harmful_weights needs {n_harm} finite non-negative numbers (one per harmful id)"
+            if len(f[K_ANCHOR_IDS]) != len(f[K_ANCHOR_VALUES]) or not all(i < d_sae for i in f[K_ANCHOR_IDS]):
+                return f"{where}safe anchor ids/values must be equal-length lists of latent ids below {d_sae} " \
+                       "and finite numbers"
+    return None
+
+
+def expected_tensor_shapes(meta: dict[str, Any]) -> dict[str, list[int]]:
+    """Name -> shape of every tensor a (validated) metadata document implies."""
+    d_model, shapes = meta[K_D_MODEL], {}
+    for pos, info in meta[K_POSITIONS].items():
+        shapes[encoder_key(pos, "W_enc")] = [info[K_D_SAE], d_model]
+        shapes[encoder_key(pos, "b_enc")] = [info[K_D_SAE]]
+        shapes[encoder_key(pos, "b_pre")] = [d_model]
+        for domain in meta[K_DOMAINS]:
+            shapes[decoder_key(domain, pos, "W_dec")] = [info[K_D_SAE], d_model]
+            shapes[decoder_key(domain, pos, "b_dec")] = [d_model]
+    return shapes
+
+
+def _validate(path: str, meta: Any, tensors: Mapping[str, tuple[str, list[int]]]) -> None:
+    """The metadata, then the tensors: exactly those it implies, each with the shape it implies."""
+    validate_metadata(path, meta)
+    expected = expected_tensor_shapes(meta)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise PackError(f"missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1
+                                                            else ""), REEXPORT, path=path)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise PackError(f"unexpected tensor {extra[0]!r} not described by the metadata", REEXPORT, path=path)
+    for name, shape in expected.items():
+        if list(tensors[name][1]) != shape:
+            raise PackError(f"tensor {name!r} has shape {list(tensors[name][1])} but the metadata implies {shape} "
+                            f"(d_sae / d_model in the metadata)", REEXPORT, path=path)
+
+
+def _check_values(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise PackError(f"tensor {name!r} contains NaN or inf", "re-train or re-export the pack", path=path)

@@ -1,5 +1,7 @@
 """Mutation fuzzing of pack files: shared by the CI test and the long documented run
-(benchmarks/fuzz_packs.py). A mutated file must load as a valid pack or raise PackError; nothing else."""
+(benchmarks/fuzz_packs.py). A mutated file must load as a valid pack or raise PackError; nothing else.
+The header pass alone (read_summary, what the nodes run before a prompt is accepted) must agree: it
+refuses no pack that loads, and every pack it refuses fails to load too."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from hypothesis import strategies as st
 
 from safedig_core import PackError, SteeringDictionary, load_pack, save_pack
-from safedig_core.pack import METADATA_KEY
+from safedig_core.pack import METADATA_KEY, read_summary
 from safedig_core.pack_info import format_pack
 from safedig_core.synthetic import random_pack
 
@@ -82,8 +84,35 @@ def _case(kind: str, data: bytes) -> tuple[str, FuzzCase]:
     return kind, case
 
 
+# One strategy per JSON type, for "meta_type": a metadata node (or the whole document) replaced by a value
+# of another JSON type than the one it has.
+JSON_TYPES = {
+    "null": st.none(),
+    "bool": st.booleans(),
+    "int": st.integers(-(2**70), 2**70),
+    "float": st.floats(allow_nan=True, allow_infinity=True),
+    "string": st.text(max_size=8),
+    "list": st.lists(JSON_VALUES, max_size=3),
+    "object": st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=3),
+}
+
+
+def json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    return {int: "int", float: "float", str: "string", list: "list"}.get(type(value), "object")
+
+
+def _get(obj, path):
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
 MUTATIONS = ("truncate", "flip_bytes", "header_length", "tensor_field", "meta_value", "meta_delete", "meta_json",
-             "body_bytes")
+             "meta_type", "body_bytes")
 
 
 @st.composite
@@ -117,6 +146,16 @@ def mutated_pack(draw, base: bytes) -> tuple[str, bytes]:
             _delete(meta, path)
         header["__metadata__"][METADATA_KEY] = json.dumps(meta)
         return _case(kind, join(header, body))
+    if kind == "meta_type":  # structurally wrong metadata: wrong JSON types at any field, the root included
+        path = draw(st.sampled_from(list(_paths(meta))))
+        other = draw(st.sampled_from(sorted(set(JSON_TYPES) - {json_type(_get(meta, path))})))
+        value = draw(JSON_TYPES[other])
+        if path:
+            _set(meta, path, value)
+        else:
+            meta = value
+        header["__metadata__"][METADATA_KEY] = json.dumps(meta)
+        return _case(kind, join(header, body))
     if kind == "meta_json":
         header["__metadata__"][METADATA_KEY] = draw(st.text(max_size=40))
         return _case(kind, join(header, body))
@@ -128,13 +167,20 @@ def mutated_pack(draw, base: bytes) -> tuple[str, bytes]:
 
 
 def check_outcome(path) -> str:
-    """Load a (mutated) pack; return 'valid' or 'rejected'. Any other exception propagates (a bug)."""
+    """Read the header summary and load a (mutated) pack; return 'valid' or 'rejected'. Any other exception
+    propagates (a bug), and so does a summary that disagrees with the load."""
+    try:
+        summary = read_summary(path)
+    except PackError as exc:
+        assert str(path) in str(exc) and "Fix:" in str(exc), str(exc)
+        summary = None
     try:
         pack = load_pack(path)
     except PackError as exc:
         msg = str(exc)
         assert str(path) in msg and "Fix:" in msg, msg
         return "rejected"
+    assert summary is not None and summary.domains == tuple(pack.domains), (summary, pack.domains)
     format_pack(pack)  # inspect must show any valid pack
     for domain in pack.domains:
         d = SteeringDictionary(pack, domain)

@@ -2,13 +2,15 @@
 documented error; and lifecycle faults that must leave the shared model bitwise unchanged."""
 
 import hashlib
+import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from safedig_core import ArchitectureError, PackError, SteeringDictionary, SteeringHooks, SteeringParams, safedig_hooks
-from safedig_core.pack import DictionaryPack
+from safedig_core.pack import METADATA_KEY, DictionaryPack, read_summary
 from safedig_core.synthetic import random_pack
 
 from tiny_models import comfy_flux_from, comfy_sd3_from, diffusers_flux, diffusers_sd3, flux_inputs
@@ -81,6 +83,29 @@ def test_mismatch_matrix(all_models, pack_kind, model_kind):
         assert "Fix:" in str(info.value)
     target = model if isinstance(model, nn.Module) else model.model
     assert safedig_hooks(target) == []
+
+
+@pytest.mark.parametrize("field,value,tensor,implied", [
+    ("d_model", 32, "encoder.double.0.img.attn.W_enc", [256, 32]),  # metadata twice as wide as the tensors
+    ("d_sae", 512, "encoder.double.0.img.attn.W_enc", [512, 64]),  # more latents in the metadata
+])
+def test_tensors_that_fit_their_bytes_but_not_the_metadata_fail_the_header_pass(tmp_path, field, value, tensor,
+                                                                                implied):
+    """The header pass (what Load Dictionary's validation runs, before a prompt is accepted) compares every
+    tensor's shape with the one the metadata implies; no tensor data is needed for that."""
+    meta, tensors = random_pack(*PACKS["flux"])
+    if field == "d_model":
+        meta["d_model"] = value
+        for info in meta["positions"].values():
+            info["d_model"] = value
+    else:
+        for info in meta["positions"].values():
+            info["d_sae"] = value
+    path = tmp_path / "mismatched.safetensors"
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(PackError, match=rf"mismatched\.safetensors: tensor '{tensor}' has shape \[\d+, \d+\] but "
+                                        rf"the metadata implies \[{implied[0]}, {implied[1]}\]"):
+        read_summary(path)
 
 
 def state_hash(model: nn.Module) -> str:

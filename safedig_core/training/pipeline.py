@@ -28,30 +28,12 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import SafeDIGError
 from ..pack import (
-    FORMAT_VERSION,
-    K_ADAPTED_FROM,
-    K_ANCHOR_IDS,
-    K_ANCHOR_VALUES,
-    K_ARCHITECTURE,
-    K_D_MODEL,
-    K_D_SAE,
-    K_DOMAINS,
-    K_FEATURES,
-    K_FORMAT_VERSION,
-    K_HARMFUL_IDS,
-    K_HARMFUL_WEIGHTS,
-    K_K,
-    K_METRICS,
-    K_POSITIONS,
-    K_PROVENANCE,
-    K_ROLE,
-    K_ROUTING,
-    K_SAE,
-    K_SCALE,
-    K_SOURCE_DOMAIN,
-    K_TAU,
     ROLE_SOURCE,
     ROLE_TARGET,
+    DomainEntry,
+    DomainFeatures,
+    PositionInfo,
+    build_metadata,
     decoder_key,
     encoder_key,
     save_pack,
@@ -297,7 +279,7 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
         entry = json.loads(f.read_text())
         if entry.get("role") == ROLE_TARGET:
             domains[f.stem] = entry
-    tensors, meta_positions = {}, {}
+    tensors, infos = {}, {}
     first = next(iter(saes.values()))
     for p in positions:
         sae = saes[p]
@@ -307,9 +289,8 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
             if e["role"] == ROLE_TARGET:
                 metrics[f"fve_{d}"] = e["adapt"][p]["fve_target_adapted"]
                 metrics[f"fve_{d}_src_dec"] = e["adapt"][p]["fve_target_source_decoder"]
-        meta_positions[p] = {K_D_MODEL: sae.d_model, K_D_SAE: sae.d_sae, K_K: sae.encoder.k,
-                             K_SCALE: float(sae.scale), K_HARMFUL_IDS: domains[source]["positions"][p]["harmful_ids"],
-                             K_METRICS: metrics}
+        infos[p] = PositionInfo(d_model=sae.d_model, d_sae=sae.d_sae, k=sae.encoder.k, scale=float(sae.scale),
+                                harmful_ids=domains[source]["positions"][p]["harmful_ids"], metrics=metrics)
         for name in ("W_enc", "b_enc", "b_pre"):
             tensors[encoder_key(p, name)] = getattr(sae.encoder, name).detach()
         tensors[decoder_key(source, p, "W_dec")] = sae.decoder.W_dec.detach()
@@ -319,13 +300,14 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
                 dec = load_file(str(run / "adapt" / d / p / "decoder.safetensors"))
                 tensors[decoder_key(d, p, "W_dec")] = dec["W_dec"]
                 tensors[decoder_key(d, p, "b_dec")] = dec["b_dec"]
-    meta_domains = {}
+    entries = {}
     for d, e in domains.items():
-        feats = {p: {K_HARMFUL_WEIGHTS: e["positions"][p]["harmful_weights"], K_ANCHOR_IDS: e["positions"][p][
-            "safe_anchor_ids"], K_ANCHOR_VALUES: e["positions"][p]["safe_anchor_values"], K_TAU: e["positions"][p][
-            "tau"], "detection_auroc": e["positions"][p]["detection_auroc"]} for p in positions}
-        meta_domains[d] = {K_ROLE: e["role"], K_FEATURES: feats, "calibration": e["calibration"],
-                           **({K_ADAPTED_FROM: e["adapted_from"]} if e["role"] == ROLE_TARGET else {})}
+        feats = {p: DomainFeatures(harmful_weights=f["harmful_weights"], anchor_ids=f["safe_anchor_ids"],
+                                   anchor_values=f["safe_anchor_values"], tau=f["tau"],
+                                   extra={"detection_auroc": f["detection_auroc"]})
+                 for p, f in ((p, e["positions"][p]) for p in positions)}
+        entries[d] = DomainEntry(feats, adapted_from=e["adapted_from"] if e["role"] == ROLE_TARGET else None,
+                                 extra={"calibration": e["calibration"]})
     sae_cfg = json.loads((run / "sae" / positions[0] / "metrics.json").read_text())["config"]
     aset = open_set(run, routing["set"])
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
@@ -340,11 +322,11 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
         "harmful_from": list(domains[source]["config"].get("harmful_from") or [domains[source]["set"]]),
         **(extra_provenance or {}),
     }
-    meta = {K_FORMAT_VERSION: FORMAT_VERSION, K_ARCHITECTURE: aset.architecture, K_D_MODEL: first.d_model,
-            K_POSITIONS: meta_positions, K_SAE: {"type": "topk", "expansion": sae_cfg["expansion"], "k": sae_cfg["k"],
-                                                 "aux_k": sae_cfg["aux_k"] or first.d_model // 2},
-            K_ROUTING: {k: v for k, v in routing.items()}, K_SOURCE_DOMAIN: source, K_DOMAINS: meta_domains,
-            K_PROVENANCE: provenance}
+    meta = build_metadata(
+        architecture=aset.architecture, d_model=first.d_model, positions=infos, source_domain=source, domains=entries,
+        sae={"type": "topk", "expansion": sae_cfg["expansion"], "k": sae_cfg["k"],
+             "aux_k": sae_cfg["aux_k"] or first.d_model // 2},
+        routing=routing, provenance=provenance)
     return save_pack(out, meta, {k: _compact(v) for k, v in tensors.items()})
 
 
