@@ -3,8 +3,21 @@
 A position id names one module output inside one transformer block, the same for every backend that
 runs the architecture (method.md section 1):
 
-    flux:  double.{i}.{img|txt}.{attn|mlp}   single.{j}.out
-    sd3:   joint.{i}.{img|txt}.{attn|mlp}    (the last joint block has no text-stream outputs)
+    flux:  input.txt   double.{i}.{img|txt}.{attn|mlp}   single.{j}.out
+    sd3:   input.txt   joint.{i}.{img|txt}.{attn|mlp}    (the last joint block has no text-stream outputs)
+
+`input.txt` is the DiT's own text input projection (ComfyUI Flux `txt_in`, MMDiT `context_embedder`,
+diffusers `context_embedder`): [batch, text tokens, d_model] like any block output, but every later
+block inherits its change. The block positions (`ModelPositions.ids`) are what collection and routing
+consider by default; the input projections are listed apart (`input_ids`), and every id of either kind
+is in `modules`, so packs, hooks and the nodes treat them alike.
+
+The pooled-text projection (ComfyUI Flux `vector_in`, MMDiT `y_embedder`, diffusers
+`time_text_embed.text_embedder`) is resolved too (`ModelPositions.pooled`, key `input.vec`) but is not a
+position id: its output is [batch, d_model], no token axis, which steering, collection and the Report
+do not handle yet. It is the prompt-dependent part of the conditioning vector in every backend (ComfyUI
+adds it to `time_in(t)` (+ `guidance_in`), diffusers' `time_text_embed` returns the same sum), so
+patching it equals patching the whole vector at an equal timestep and guidance.
 
 Each backend maps ids to module paths. The ids of a model are derived from the model itself (block
 counts, which sub-modules exist), never from hard-coded depths, so FLUX.1 Dev (19 + 38 blocks) and
@@ -15,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -34,11 +47,11 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "flux": Architecture(
         "flux", "FLUX.1 (double-stream + single-stream blocks)",
-        re.compile(r"^(double\.\d+\.(img|txt)\.(attn|mlp)|single\.\d+\.out)$"),
+        re.compile(r"^(input\.txt|double\.\d+\.(img|txt)\.(attn|mlp)|single\.\d+\.out)$"),
     ),
     "sd3": Architecture(
         "sd3", "Stable Diffusion 3 / 3.5 MMDiT (joint blocks)",
-        re.compile(r"^joint\.\d+\.(img|txt)\.(attn|mlp)$"),
+        re.compile(r"^(input\.txt|joint\.\d+\.(img|txt)\.(attn|mlp))$"),
     ),
 }
 
@@ -71,6 +84,8 @@ class Backend:
     architecture: str
     class_ids: tuple[str, ...]  # "module:QualName" of the classes this backend handles
     groups: tuple[BlockGroup, ...]
+    inputs: tuple[tuple[str, str], ...]  # (input position id, module path on the DiT)
+    pooled_input: str  # module path of the pooled-text projection (ModelPositions.pooled["input.vec"])
 
 
 _FLUX_SITES_COMFY = (
@@ -93,6 +108,7 @@ BACKENDS: tuple[Backend, ...] = (
             BlockGroup("double_blocks", "double", _FLUX_SITES_COMFY),
             BlockGroup("single_blocks", "single", (("out", "linear2", "linear2"),)),
         ),
+        (("input.txt", "txt_in"),), "vector_in",
     ),
     Backend(
         "comfy.mmdit", "sd3", ("comfy.ldm.modules.diffusionmodules.mmdit:MMDiT",),
@@ -104,6 +120,7 @@ BACKENDS: tuple[Backend, ...] = (
                 ("txt.mlp", "context_block.mlp", "context_block.mlp.fc2"),
             )),
         ),
+        (("input.txt", "context_embedder"),), "y_embedder",
     ),
     Backend(
         "diffusers.flux", "flux",
@@ -112,11 +129,13 @@ BACKENDS: tuple[Backend, ...] = (
             BlockGroup("transformer_blocks", "double", _DIFFUSERS_JOINT_SITES),
             BlockGroup("single_transformer_blocks", "single", (("out", "proj_out", "proj_out"),)),
         ),
+        (("input.txt", "context_embedder"),), "time_text_embed.text_embedder",
     ),
     Backend(
         "diffusers.sd3", "sd3",
         ("diffusers.models.transformers.transformer_sd3:SD3Transformer2DModel",),
         (BlockGroup("transformer_blocks", "joint", _DIFFUSERS_JOINT_SITES),),
+        (("input.txt", "context_embedder"),), "time_text_embed.text_embedder",
     ),
 )
 
@@ -127,12 +146,15 @@ _WRAPPER_ATTRS = ("diffusion_model", "transformer", "model")
 
 @dataclass(frozen=True)
 class ModelPositions:
-    """The positions of one concrete model: id -> module, in canonical order."""
+    """The positions of one concrete model: id -> module (input projections, then blocks, in canonical
+    order), and the pooled-text projection, which is not a position id (module docstring)."""
 
     backend: Backend
     d_model: int
     modules: Mapping[str, nn.Module]
     block_counts: Mapping[str, int]
+    input_ids: tuple[str, ...] = ()
+    pooled: Mapping[str, nn.Module] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -140,7 +162,8 @@ class ModelPositions:
 
     @property
     def ids(self) -> list[str]:
-        return list(self.modules)
+        """The block positions: what collection and routing consider when given no positions."""
+        return [p for p in self.modules if p not in self.input_ids]
 
     def describe(self) -> str:
         counts = ", ".join(f"{n} {prefix}" for prefix, n in self.block_counts.items())
@@ -190,6 +213,10 @@ def _index(module: nn.Module | None, i: int) -> nn.Module | None:
         return None
 
 
+def _has_linear(module: nn.Module | None) -> bool:
+    return module is not None and any(isinstance(m, nn.Linear) for m in module.modules())
+
+
 def _output_width(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -202,7 +229,12 @@ def _output_width(module: nn.Module) -> int:
 def resolve(model: object) -> ModelPositions:
     """Every position of `model` (a DiT, a ComfyUI BaseModel/ModelPatcher, or a diffusers pipeline)."""
     backend, dit = find_backend(model)
-    modules: dict[str, nn.Module] = {}
+    # An input projection counts only where the model has one with weights (ComfyUI's MMDiT may hold an
+    # Identity as its context_embedder; Flux variants without pooled text have no vector_in).
+    modules: dict[str, nn.Module] = {
+        pid: module for pid, path in backend.inputs if _has_linear(module := _get(dit, path))}
+    input_ids = tuple(modules)
+    pooled = _get(dit, backend.pooled_input)
     counts: dict[str, int] = {}
     for group in backend.groups:
         blocks = getattr(dit, group.container, None)
@@ -217,11 +249,12 @@ def resolve(model: object) -> ModelPositions:
                 if module is not None:
                     modules[f"{group.id_prefix}.{i}.{site}"] = module
     widths = {pid: _output_width(m) for pid, m in modules.items()}
-    if not widths:
+    if len(widths) == len(input_ids):
         raise ArchitectureError(f"{type(dit).__name__} has no blocks", "connect a model with transformer blocks")
     if len(set(widths.values())) != 1:
         raise ArchitectureError(f"positions have different widths {sorted(set(widths.values()))}", None)
-    return ModelPositions(backend, next(iter(widths.values())), modules, counts)
+    return ModelPositions(backend, next(iter(widths.values())), modules, counts, input_ids,
+                          {"input.vec": pooled} if _has_linear(pooled) else {})
 
 
 def positions_from_state_dict(shapes: Mapping[str, Iterable[int]]) -> tuple[str, str, int, list[str]]:
@@ -281,7 +314,8 @@ REFERENCE_MODELS = {
 
 @dataclass(frozen=True)
 class PositionParts:
-    """The parts of a position id: block kind and index, stream (img/txt/both) and site."""
+    """The parts of a position id: block kind and index, stream (img/txt/both) and site. An input
+    projection parses as block "input", index 0, site "proj"."""
 
     block: str
     index: int
@@ -291,6 +325,8 @@ class PositionParts:
     @classmethod
     def parse(cls, position: str) -> PositionParts:
         parts = position.split(".")
+        if len(parts) == 2 and parts[0] == "input" and parts[1] == "txt":
+            return cls("input", 0, parts[1], "proj")
         if len(parts) == 3 and parts[0] == "single":
             return cls("single", int(parts[1]), "both", parts[2])
         if len(parts) == 4 and parts[1].isdigit():

@@ -1,5 +1,6 @@
-"""The same weights in diffusers' and ComfyUI's classes give the same activation at every position id,
-and the same steered output for the same pack: one dictionary serves every backend."""
+"""The same weights in diffusers' and ComfyUI's classes give the same activation at every position id
+(the input projections and the pooled-text projection included), and the same steered output for the
+same pack: one dictionary serves every backend."""
 
 import pytest
 import torch
@@ -83,3 +84,54 @@ def test_sd3_same_steered_output(sd3_pair):
         out_d, out_c = call_pair(sd3_pair, comfy_kw, diff_kw, lambda t: t)
     assert (out_d - base_d).abs().max() > 1e-2
     torch.testing.assert_close(out_d, out_c, rtol=1e-4, atol=1e-4)
+
+
+def _input_outputs(model, call):
+    """Outputs of input.txt and of the pooled-text projection (input.vec) during one call. Copied when
+    the hook runs: ComfyUI's blocks add to the text stream in place, so a kept reference would change."""
+    positions = resolve(model)
+    modules = {**positions.modules, **positions.pooled}
+    got = {}
+
+    def keep(pid):
+        def hook(_module, _args, out):
+            got[pid] = out.detach().clone()
+        return hook
+
+    handles = [modules[pid].register_forward_hook(keep(pid)) for pid in ("input.txt", "input.vec")]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_same_input_projections_in_both_backends(flux_pair, sd3_pair, arch):
+    (d, c), inputs = (flux_pair, flux_inputs(seed=9)) if arch == "flux" else (sd3_pair, sd3_inputs(seed=9))
+    comfy_kw, diff_kw = inputs
+    out_d = _input_outputs(d, lambda: d(**diff_kw))
+    out_c = _input_outputs(c, lambda: c(**comfy_kw))
+    assert out_d["input.txt"].shape == (2, diff_kw["encoder_hidden_states"].shape[1], resolve(d).d_model)
+    assert out_d["input.vec"].shape == (2, resolve(d).d_model)  # pooled: no token axis
+    for pid in ("input.txt", "input.vec"):
+        assert out_d[pid].abs().max() > 0.1, pid  # a real activation, not zeros
+        torch.testing.assert_close(out_d[pid], out_c[pid], rtol=1e-4, atol=1e-5, msg=pid)
+
+
+def test_flux_same_steered_output_at_input_txt(flux_pair):
+    """A pack routed to the text input projection steers both backends alike, like any block position."""
+    meta, tensors = random_pack("flux", 64, ["input.txt", "single.0.out"], seed=13)
+    dictionary = SteeringDictionary(DictionaryPack("flux-input.safetensors", meta, tensors), "target")
+    comfy_kw, diff_kw = flux_inputs(seed=14)
+    convert = lambda t: unpack_flux(t, 2, 4, 8, 8)  # noqa: E731
+    base_d, _ = call_pair(flux_pair, comfy_kw, diff_kw, convert)
+    only_input = SteeringDictionary(dictionary.pack, "target", positions=["input.txt"])
+    params = SteeringParams(mode="both", blend_strength=1.5, repel_strength=1.0)
+    for dic in (only_input, dictionary):
+        with SteeringHooks(flux_pair[0], dic, params), SteeringHooks(flux_pair[1], dic, params):
+            out_d, out_c = call_pair(flux_pair, comfy_kw, diff_kw, convert)
+        assert (out_d - base_d).abs().max() > 1e-2, dic.positions  # steering did something
+        torch.testing.assert_close(out_d, out_c, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from safedig_core.errors import ArchitectureError
-from safedig_core.positions import PositionParts, positions_from_state_dict, reference_ids, resolve
+from safedig_core.positions import ARCHITECTURES, PositionParts, positions_from_state_dict, reference_ids, resolve
 
 from tiny_models import comfy_flux_from, comfy_sd3_from, diffusers_flux, diffusers_sd3
 
@@ -19,6 +19,40 @@ def test_flux_backends_agree_on_ids_and_width():
     assert (pc.architecture, pc.d_model, pc.backend.name) == ("flux", 64, "comfy.flux")
     assert pc.modules["double.1.img.attn"] is c.double_blocks[1].img_attn.proj
     assert pd.modules["single.0.out"] is d.single_transformer_blocks[0].proj_out
+
+
+def test_flux_input_projections_in_both_backends():
+    d = diffusers_flux()
+    c = comfy_flux_from(d)
+    pd, pc = resolve(d), resolve(c)
+    assert pd.input_ids == pc.input_ids == ("input.txt",)
+    assert next(iter(pd.modules)) == next(iter(pc.modules)) == "input.txt"  # canonical order: inputs, blocks
+    assert "input.txt" not in pd.ids  # the block positions, collection's and routing's default
+    assert pc.modules["input.txt"] is c.txt_in and pd.modules["input.txt"] is d.context_embedder
+    assert pc.pooled["input.vec"] is c.vector_in
+    assert pd.pooled["input.vec"] is d.time_text_embed.text_embedder
+
+
+def test_sd3_input_projections_in_both_backends():
+    d = diffusers_sd3()
+    c = comfy_sd3_from(d).model.diffusion_model
+    pd, pc = resolve(d), resolve(c)
+    assert pd.input_ids == pc.input_ids == ("input.txt",)
+    assert pc.modules["input.txt"] is c.context_embedder and pd.modules["input.txt"] is d.context_embedder
+    assert pc.pooled["input.vec"] is c.y_embedder
+    assert pd.pooled["input.vec"] is d.time_text_embed.text_embedder
+    # An MMDiT without a text projection (ComfyUI holds an Identity there) has no input.txt position.
+    c.context_embedder = nn.Identity()
+    assert resolve(c).input_ids == () and "input.txt" not in resolve(c).modules
+    c.y_embedder = None
+    assert dict(resolve(c).pooled) == {}
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_input_txt_is_a_position_id_and_input_vec_is_not(arch):
+    pattern = ARCHITECTURES[arch].id_pattern
+    assert pattern.match("input.txt")
+    assert not pattern.match("input.vec") and not pattern.match("input.img") and not pattern.match("input.txt.x")
 
 
 def test_sd3_last_block_has_no_text_outputs_in_both_backends():
@@ -43,6 +77,8 @@ def test_flux_dev_depth_derived_from_model():
     assert dict(p.block_counts) == {"double": 19, "single": 38}
     assert len(p.ids) == 19 * 4 + 38
     assert p.ids == reference_ids("flux", 19, 38)
+    assert p.input_ids == ("input.txt",) and p.modules["input.txt"].out_features == 3072
+    assert p.pooled["input.vec"].linear_2.out_features == 3072  # guidance-distilled: still the pooled part
 
 
 def test_sd35_large_depth_derived_from_model():
@@ -56,6 +92,7 @@ def test_sd35_large_depth_derived_from_model():
     assert p.d_model == 2432
     assert len(p.ids) == 37 * 4 + 2
     assert "joint.37.txt.mlp" not in p.modules and "joint.37.img.mlp" in p.modules
+    assert p.input_ids == ("input.txt",) and p.modules["input.txt"].out_features == 2432
 
 
 def test_unknown_model_is_named_in_the_error():
@@ -85,6 +122,7 @@ def test_positions_from_state_dict_layouts():
     ("double.3.txt.mlp", ("double", 3, "txt", "mlp")),
     ("single.10.out", ("single", 10, "both", "out")),
     ("joint.0.img.attn", ("joint", 0, "img", "attn")),
+    ("input.txt", ("input", 0, "txt", "proj")),
 ])
 def test_position_parts(pid, parts):
     p = PositionParts.parse(pid)
