@@ -14,14 +14,11 @@ _ROOT = os.path.dirname(os.path.abspath(__file__))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-try:
-    import comfy_api.v0_0_2  # noqa: F401  (present only inside ComfyUI)
-except ImportError:
-    _HAVE_COMFY = False
-else:
-    _HAVE_COMFY = True
+# nodes/compat.py resolves the V3 API (and logs one line when this ComfyUI has none SafeDIG supports);
+# outside ComfyUI (no comfy_api) this module defines nothing.
+from .nodes import compat  # noqa: E402  (needs the sys.path entry above)
 
-if _HAVE_COMFY:
+if compat.API is not None:
     from .nodes import comfy_entrypoint
 
     __all__ = ["comfy_entrypoint"]

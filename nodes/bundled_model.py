@@ -26,11 +26,13 @@ import comfy.model_patcher
 import comfy.supported_models_base
 import folder_paths
 import torch
-from comfy_api.v0_0_2 import io
 from safetensors.torch import load_file
 
 from safedig_core.bundled import generator
 from safedig_core.errors import SafeDIGError
+
+from . import compat
+from .compat import io
 
 FOLDER = "safedig_bundled"
 SHIPPED = "bundled_flux.safetensors"
@@ -72,13 +74,23 @@ def register_folder() -> list[str]:
     return list(paths)
 
 
+def is_generator(weights: Path) -> bool:
+    """True when the same-stem .json is a generator config (its "model" section, as the trainer writes it);
+    other checkpoints in the folder, e.g. the judge, have a config of another content."""
+    try:
+        generator.read_config(weights.with_suffix(".json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def list_weights() -> list[str]:
-    """Generator checkpoints: .safetensors files with a same-stem .json config (as the trainer writes)."""
+    """Generator checkpoints: .safetensors files whose same-stem .json is a generator config."""
     register_folder()
     names = []
     for name in folder_paths.get_filename_list(FOLDER):
         full = folder_paths.get_full_path(FOLDER, name)
-        if full and name.endswith(".safetensors") and Path(full).with_suffix(".json").is_file():
+        if full and name.endswith(".safetensors") and is_generator(Path(full)):
             names.append(name)
     return sorted(names, key=lambda n: (n != SHIPPED, n))
 
@@ -94,6 +106,9 @@ def resolve_weights(name: str) -> Path:
         if full.is_file():
             if not full.with_suffix(".json").is_file():
                 raise SafeDIGError(f"{full} has no config {full.with_suffix('.json').name} beside it", fix)
+            if not is_generator(full):
+                raise SafeDIGError(f"{full} is not a bundled generator: {full.with_suffix('.json').name} has no "
+                                   "generator \"model\" section (the judge checkpoint is not a MODEL)", fix)
             return full
     raise SafeDIGError(f"bundled model {name!r} not found; searched: {folders}", fix)
 
@@ -105,7 +120,7 @@ def load_model(path: Path) -> comfy.model_patcher.ModelPatcher:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SafeDIGError(f"{path.with_suffix('.json')}: not a bundled-model config ({exc})",
                            "use the .json the trainer wrote next to the weights") from None
-    params = generator.comfy_flux_params(cfg)
+    params = compat.flux_params(generator.comfy_flux_params(cfg))  # fitted to this ComfyUI's FluxParams
     model_config = BundledFluxConfig({"image_model": "flux", **params})
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()

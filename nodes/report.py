@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from comfy_api.v0_0_2 import io, ui
 
 from safedig_core.recorder import render_step_heatmap, render_token_maps
 
+from .compat import io, ui
 from .steer import steer_patches
 
 LATENT_TO_PIXEL = 8  # FLUX.1 / SD3 VAE factor, for the token map when no image is connected

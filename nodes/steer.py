@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 
 import comfy.patcher_extension as pe
-from comfy_api.v0_0_2 import io
 
 from safedig_core import ARCHITECTURES, SteeringDictionary, SteeringParams, resolve
 from safedig_core.errors import PackError, SafeDIGError
 from safedig_core.sampling import SamplingSteering
 from safedig_core.steering_math import MAX_STRENGTH, MAX_TAU_SCALE, param_problems, parse_positions
 
+from . import compat
+from .compat import io
 from .types import SafeDIGDict
 
 WRAPPER_KEY = "safedig"
@@ -171,7 +172,8 @@ class Steer(io.ComfyNode):
             dictionary.pack.check_compatible(model_positions, dictionary.positions)
         except PackError as exc:
             raise PackError(exc.problem + f" (pack {pack_name})", exc.fix, path=exc.path) from None
-        patch = SteerPatch(dictionary, params, f"pack {pack_name}, domain {dictionary.domain}; {params.describe()}")
+        patch = SteerPatch(dictionary, params, f"pack {pack_name}, domain {dictionary.domain}; {params.describe()}",
+                           host=compat.host_label())
         out = model.clone()
         out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample)
         out.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, patch)

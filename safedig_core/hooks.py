@@ -8,6 +8,10 @@
 The context manager owns its hook handles and removes them in `finally`; it keeps no global state. With
 params that cannot change anything (mode off, strengths 0) or `active=False` it installs nothing, so the
 model's output is bitwise that of a model which never saw SafeDIG.
+
+A hook acts only on calls made by the thread that installed it (a sampler may call the same module from several
+threads: ComfyUI's multi-GPU cond batcher), and records that it ran: `not_run` lists the positions whose module
+was never called inside the block (a bypassed block, a replayed CUDA graph), so a caller can fail closed.
 """
 
 from __future__ import annotations
@@ -91,9 +95,11 @@ class _SteeringHook:
         self.session = session
 
     def __call__(self, module: nn.Module, args, output):
-        if not isinstance(output, Tensor) or not output.is_floating_point():
-            return None
         s = self.session
+        if threading.get_ident() != s.thread:
+            return None  # another thread's call of this module: that thread's own hook steers it
+        if not isinstance(output, Tensor) or not output.is_floating_point():
+            return None  # not recorded as run: a caller that checks `not_run` refuses it
         weights = s.dictionary.weights(self.position, output.device, output.dtype)
         scores: list[Tensor] | None = [] if s.on_scores is not None else None
         gates: list[Tensor] | None = [] if s.on_scores is not None else None
@@ -102,6 +108,7 @@ class _SteeringHook:
         steered = steer(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch, gates_out=gates)
         if s.on_scores is not None and scores and gates:
             s.on_scores(self.position, scores[0], gates[0])
+        s.ran.add(self.position)
         return None if steered is output else steered
 
 
@@ -140,6 +147,9 @@ class SteeringHooks:
         self.on_scores = on_scores
         self._model_positions = model_positions
         self.latch = latch
+        self.thread = threading.get_ident()
+        self.ran: set[str] = set()  # positions whose hook ran inside the block
+        self._hooked: list[str] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
 
@@ -147,6 +157,7 @@ class SteeringHooks:
         if self._entered:
             raise SafeDIGError("this SteeringHooks is already active", "use a new context for each call")
         self._entered = True
+        self.ran, self._hooked = set(), []
         if not self.active or (self.params.is_identity and self.on_scores is None):
             return self
         positions = self._model_positions or resolve(self.model)
@@ -154,10 +165,12 @@ class SteeringHooks:
         try:
             for pos in self.dictionary.positions:
                 module = positions.modules[pos]
-                if any(isinstance(h, _SteeringHook) and h.owner is self.owner for h in module._forward_hooks.values()):
+                if any(isinstance(h, _SteeringHook) and h.owner is self.owner and h.session.thread == self.thread
+                       for h in module._forward_hooks.values()):
                     raise SafeDIGError(f"SafeDIG hooks of this owner are already installed at {pos}",
                                        "do not nest the same steering twice; use one Steer per dictionary")
                 self._handles.append(module.register_forward_hook(_SteeringHook(self.owner, pos, self)))
+                self._hooked.append(pos)
         except BaseException:
             self._remove()
             raise
@@ -175,6 +188,11 @@ class SteeringHooks:
     @property
     def installed(self) -> int:
         return len(self._handles)
+
+    @property
+    def not_run(self) -> list[str]:
+        """Positions this context hooked whose hook never ran (also valid after the block)."""
+        return [p for p in self._hooked if p not in self.ran]
 
 
 class ActivationCapture:

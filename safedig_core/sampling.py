@@ -5,16 +5,24 @@ and the Report's recorder. The ComfyUI Steer node wraps this in its APPLY_MODEL 
 Per model call: the rows to steer come from the sampler's cond/uncond chunk labels (uncond may come first;
 at cfg 1 there is no uncond chunk), the schedule fraction from the current sigma among the run's sigmas
 (schedule.py), and the call runs inside `SteeringHooks`, which removes its hooks in `finally`.
+
+Fail closed: when steering is active for a call and a routed position's hook did not run (a bypassed or
+renamed block, a replayed CUDA graph, a fused kernel), the call raises SteeringBypassedError instead of
+returning an output that was never steered. Calls may come from several threads at once (ComfyUI's multi-GPU
+cond batcher): each call's hooks act only on its own thread, and the shared per-run state (recorder, latch) is
+changed under a lock.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+from .errors import SafeDIGError
 from .hooks import SteeringDictionary, SteeringHooks
 from .positions import resolve
 from .recorder import ScoreRecorder
@@ -24,13 +32,20 @@ from .steering_math import GateScope, SteeringParams, rows_for_chunks
 T = TypeVar("T")
 
 
-class SamplingSteering:
-    """One steering setup (dictionary, parameters, label) and its per-run state (recorder, latch)."""
+class SteeringBypassedError(SafeDIGError):
+    """Steering was active for a model call but a routed position's hook never ran."""
 
-    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str):
+
+class SamplingSteering:
+    """One steering setup (dictionary, parameters, label) and its per-run state (recorder, latch).
+    `host` names the program running the model in errors (e.g. "ComfyUI 0.3.75")."""
+
+    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str, host: str = "this host"):
         self.dictionary = dictionary
         self.params = params
         self.label = label
+        self.host = host
+        self._lock = threading.Lock()
         taus = {p: params.threshold(dictionary.pack.domain_features(dictionary.domain, p).tau)
                 for p in dictionary.positions}
         self.recorder = ScoreRecorder(dictionary.positions, taus, label)
@@ -38,8 +53,9 @@ class SamplingSteering:
 
     def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int) -> None:
         """A new sampling run: a new Report generation, no image latched."""
-        self.recorder.begin(sigmas, n_images=n_images)
-        self.latched = None
+        with self._lock:
+            self.recorder.begin(sigmas, n_images=n_images)
+            self.latched = None
 
     def steer_call(self, dit: object, x: Tensor, sigma: float | Tensor, sample_sigmas: Sequence[float] | Tensor | None,
                    chunks: list[int] | None, run: Callable[[], T]) -> T:
@@ -50,22 +66,44 @@ class SamplingSteering:
         sigma = float(sigma.flatten()[0]) if isinstance(sigma, Tensor) else float(sigma)
         active = self.params.in_step_range(schedule_fraction(sigma, sample_sigmas))
         rec = self.recorder
-        if not rec.started:  # a sampler that bypassed the start of the run
-            rec.begin(sample_sigmas, n_images=0)
         per_chunk = batch // len(chunks) if chunks and batch % len(chunks) == 0 else batch
         on_scores = None
-        if active:
-            if x.dim() >= 4:
-                rec.set_grid((int(x.shape[-2]), int(x.shape[-1])), getattr(dit, "patch_size", 1))
-            on_scores = rec.callback(rec.step_of(sigma), rows, per_chunk)
-        per_image = self._row_latch(batch, per_chunk, x.device) if active else None
-        with SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, active=active, owner=self,
-                           on_scores=on_scores, model_positions=positions, latch=per_image):
+        with self._lock:
+            if not rec.started:  # a sampler that bypassed the start of the run
+                rec.begin(sample_sigmas, n_images=0)
+            if active:
+                if x.dim() >= 4:
+                    rec.set_grid((int(x.shape[-2]), int(x.shape[-1])), getattr(dit, "patch_size", 1))
+                on_scores = self._locked(rec.callback(rec.step_of(sigma), rows, per_chunk))
+            per_image = self._row_latch(batch, per_chunk, x.device) if active else None
+        hooks = SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, active=active, owner=self,
+                              on_scores=on_scores, model_positions=positions, latch=per_image)
+        with hooks:
             out = run()
-        if per_image is not None and self.latched is not None:
-            # an image latched in any chunk stays latched for the rest of the run
-            self.latched |= per_image.view(-1, self.latched.numel()).any(0).cpu()
+        if hooks.not_run:
+            raise self._bypassed(dit, hooks.not_run)
+        if per_image is not None:
+            with self._lock:  # an image latched in any chunk stays latched for the rest of the run
+                if self.latched is not None and per_image.numel() % self.latched.numel() == 0:
+                    self.latched |= per_image.view(-1, self.latched.numel()).any(0).cpu()
         return out
+
+    def _locked(self, callback: Callable[..., None]) -> Callable[..., None]:
+        def locked(*args) -> None:
+            with self._lock:
+                callback(*args)
+        return locked
+
+    def _bypassed(self, dit: object, positions: list[str]) -> SteeringBypassedError:
+        model_class = f"{type(dit).__module__}.{type(dit).__qualname__}"
+        return SteeringBypassedError(
+            f"SafeDIG steering was active but the hook at {', '.join(positions)} did not run in this call of "
+            f"{model_class} ({self.host}): the module there was bypassed (a node that skips or caches blocks, a "
+            "replayed CUDA graph, a fused kernel or a renamed block), so the image would not be steered; the run "
+            "was stopped",
+            "remove the node that skips or caches transformer blocks (or disable CUDA graphs, e.g. ComfyUI's "
+            "--disable-cuda-graphs), or choose positions that run (Steer's `positions`); to sample unsteered, "
+            "set Steer's mode to Off")
 
     def _row_latch(self, batch: int, per_chunk: int, device: torch.device) -> Tensor | None:
         """The image-scope latch for this call's rows (row r is image r % images per chunk)."""

@@ -153,3 +153,43 @@ def test_activation_capture_records_and_cleans_up(model, inputs):
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(SafeDIGError, match="do not exist"):
         ActivationCapture(model, ["single.9.out"])
+
+
+def test_hooks_act_only_on_the_installing_threads_calls(model, inputs):
+    """ComfyUI's multi-GPU cond batcher calls the model from several threads: a call from another thread while
+    one thread's hooks are installed is not steered by them, and is not counted as theirs."""
+    import threading
+
+    base = run(model, inputs)
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def steering_thread():
+        with SteeringHooks(model, flux_dictionary(), SteeringParams(mode="both")) as hooks:
+            entered.set()
+            release.wait(30)
+            seen["not_run_before_own_call"] = hooks.not_run
+            seen["steered"] = run(model, inputs)
+            seen["not_run"] = hooks.not_run
+
+    worker = threading.Thread(target=steering_thread)
+    worker.start()
+    assert entered.wait(30)
+    other = run(model, inputs)  # this thread, while the worker's hooks are installed
+    release.set()
+    worker.join(30)
+    assert torch.equal(other, base)
+    assert seen["not_run_before_own_call"] == STEERED  # the other thread's call did not count
+    assert seen["not_run"] == [] and not torch.allclose(seen["steered"], base)
+    assert safedig_hooks(model) == []
+
+
+def test_not_run_lists_positions_whose_module_was_bypassed(model, inputs):
+    block = model.single_transformer_blocks[1]
+    block.forward = lambda hidden_states, *args, **kwargs: hidden_states
+    try:
+        with SteeringHooks(model, flux_dictionary(), SteeringParams(mode="both")) as hooks:
+            run(model, inputs)
+        assert hooks.not_run == ["single.1.out"]
+    finally:
+        del block.forward

@@ -385,3 +385,96 @@ def test_shipped_bundled_model_with_the_text_encode_node_is_the_reference(nodes)
                                                       batch_size=1).result[0]["samples"]
     got = comfy.sample.sample(patcher, noise.clone(), 8, 3.0, "euler", "simple", pos, neg, latent, seed=11)
     assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
+
+
+# ------------------------------------------------------------------------------- fail closed
+
+
+def bundled_patcher(nodes):
+    from safedig_core.bundled import generator
+
+    return nodes.bundled_model.load_model(generator.GENERATOR_WEIGHTS)
+
+
+def bundled_sample(model, seed: int = 5):
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(seed)
+    cond = [[torch.randn(1, 32, 384, generator=g), {"pooled_output": torch.randn(1, 384, generator=g)}]]
+    empty = [[torch.zeros(1, 32, 384), {"pooled_output": torch.zeros(1, 384)}]]
+    latent = torch.zeros(1, 12, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, 2, 3.0, "euler", "simple", cond, empty, latent, seed=seed)
+
+
+def bypass_single_block(patcher, index: int = 0):
+    """The block runs as identity: its output projection (the hooked module of single.{index}.out) is never
+    called, as with a node that skips blocks or a replayed CUDA graph."""
+    block = patcher.model.diffusion_model.single_blocks[index]
+    block.forward = lambda img, *args, **kwargs: img
+
+
+BUNDLED_ROUTED = ["double.1.img.mlp", "single.0.out"]
+
+
+def test_a_bypassed_hook_stops_the_run_naming_position_model_and_comfyui(nodes):
+    import comfyui_version
+
+    from safedig_core.sampling import SteeringBypassedError
+
+    patcher = bundled_patcher(nodes)
+    bypass_single_block(patcher)
+    steered = steer(nodes, patcher, firing_dictionary("flux", 128, BUNDLED_ROUTED))
+    with pytest.raises(SteeringBypassedError) as err:
+        bundled_sample(steered)
+    message = str(err.value)
+    assert "hook at single.0.out did not run" in message and "double.1.img.mlp" not in message.split("Fix:")[0]
+    assert "comfy.ldm.flux.model.Flux" in message and f"ComfyUI {comfyui_version.__version__}" in message
+    assert "Fix:" in message and "mode to Off" in message
+    assert safedig_hooks(patcher.model) == []
+
+
+def test_fail_closed_does_not_fire_for_off_disabled_or_a_closed_gate(nodes):
+    bypassed = bundled_patcher(nodes)
+    bypass_single_block(bypassed)
+    dictionary = firing_dictionary("flux", 128, BUNDLED_ROUTED)
+    base = bundled_sample(bypassed)
+    for kw in (dict(enabled=False), dict(mode="Off")):
+        assert torch.equal(bundled_sample(steer(nodes, bypassed, dictionary, **kw)), base), kw
+    # Gate closed: every hook runs and steers nothing, so the image is bitwise the unsteered one.
+    intact = bundled_patcher(nodes)
+    intact_base = bundled_sample(intact)
+    closed = firing_dictionary("flux", 128, BUNDLED_ROUTED, tau=1e9)
+    closed_model = steer(nodes, intact, closed, mode="Both")
+    assert torch.equal(bundled_sample(closed_model), intact_base)
+    rec = nodes.steer.steer_patches(closed_model)[0].recorder
+    assert rec.n_steps == 2 and sorted(rec.steps_seen) == [0, 1]  # the hooks did run
+    # Positions that do run on the bypassed model: no error either.
+    assert torch.isfinite(bundled_sample(steer(nodes, bypassed, firing_dictionary("flux", 128,
+                                                                                     ["double.1.img.mlp"])))).all()
+
+
+def test_load_bundled_model_lists_generators_by_their_config_not_the_judge(nodes, tmp_path):
+    import shutil
+
+    import folder_paths
+
+    from safedig_core.bundled import generator
+
+    _, path = write_random_bundled(tmp_path)
+    # A judge checkpoint under a generator-like name: its config's content decides, not its file name.
+    shutil.copy(generator.ASSETS / "judge.safetensors", tmp_path / "flux_like.safetensors")
+    shutil.copy(generator.ASSETS / "judge.json", tmp_path / "flux_like.json")
+    bm = nodes.bundled_model
+    bm.register_folder()
+    folder_paths.folder_names_and_paths[bm.FOLDER][0].append(str(tmp_path))
+    try:
+        names = bm.list_weights()
+        assert names[0] == bm.SHIPPED and path.name in names
+        assert "judge.safetensors" not in names and "flux_like.safetensors" not in names
+        for name in ("judge.safetensors", "flux_like.safetensors"):
+            with pytest.raises(SafeDIGError, match="is not a bundled generator"):
+                bm.resolve_weights(name)
+        assert "is not a bundled generator" in bm.LoadBundledModel.validate_inputs("judge.safetensors")
+    finally:
+        folder_paths.folder_names_and_paths[bm.FOLDER][0].remove(str(tmp_path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_env import import_comfy
+from comfy_env import ROOT, import_comfy
 
 FLUX_CFG = dict(hidden=64, heads=4, double=2, single=2, latent_ch=4, ctx_dim=32, vec_dim=24, axes=(4, 6, 6))
 SD3_CFG = dict(depth=2, heads=2, head_dim=64, latent_ch=16, ctx_dim=40, pooled=24, patch=2, sample=16)
@@ -33,18 +33,32 @@ def comfy_flux_from(diffusers_model, dtype=torch.float32):
     from comfy.ldm.flux.model import Flux
 
     c = FLUX_CFG
-    model = Flux(
+    params = nodes_compat().flux_params(dict(
         in_channels=c["latent_ch"], out_channels=c["latent_ch"], vec_in_dim=c["vec_dim"],
         context_in_dim=c["ctx_dim"], hidden_size=c["hidden"], mlp_ratio=4.0, num_heads=c["heads"],
         depth=c["double"], depth_single_blocks=c["single"], axes_dim=list(c["axes"]), theta=10000,
-        patch_size=2, qkv_bias=True, guidance_embed=False, operations=comfy.ops.disable_weight_init,
-        dtype=dtype,
-    )
+        patch_size=2, qkv_bias=True, guidance_embed=False))
+    model = Flux(**params, operations=comfy.ops.disable_weight_init, dtype=dtype)
     sd = {k: v.clone() for k, v in diffusers_model.state_dict().items()}
     converted = comfy.model_detection.convert_diffusers_mmdit(sd, "")
     missing, unexpected = model.load_state_dict(converted, strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
+
+
+def nodes_compat():
+    """SafeDIG's nodes/compat.py, loaded by path: on sys.path, `nodes` is ComfyUI's own nodes.py."""
+    import importlib.util
+    import sys
+
+    name = "safedig_nodes_compat"
+    if name not in sys.modules:
+        import_comfy()
+        spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "compat.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def flux_inputs(batch: int = 2, h: int = 8, w: int = 8, txt: int = 6, seed: int = 1, dtype=torch.float32):
