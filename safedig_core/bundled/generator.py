@@ -294,109 +294,146 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class _TrainState:
+    """What a checkpoint holds besides the weights: where the run is and what it has logged."""
+
+    step: int = 0
+    history: list = field(default_factory=list)
+    elapsed_s: float = 0.0
+    running_loss: float | None = None
+
+
+def _resume(ckpt_path: Path, a: TrainArgs, model, ema, opt, log: Callable[[str], None]) -> _TrainState:
+    """Load the checkpoint into model / ema / optimizer when one exists; refuse one made with other settings."""
+    if not ckpt_path.exists():
+        return _TrainState()
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ck["model_config"] != a.model.to_dict() or ck["seed"] != a.seed or ck["batch_size"] != a.batch_size:
+        raise SafeDIGError("the checkpoint was made with other settings (model, seed or batch size)",
+                           "use another --out, or delete the checkpoint to start over", path=ckpt_path)
+    model.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    state = _TrainState(ck["step"], ck["history"], ck["elapsed_s"], ck["running_loss"])
+    log(f"resuming from step {state.step} ({state.elapsed_s / 60:.1f} min trained)")
+    return state
+
+
+def _encode_pool(encoder: Encoder, pool: Sequence[world.Prompt]):
+    """(tokens, pooled) of every training caption, plus the empty caption's, encoded once: the encoder costs
+    about a third of a training step per batch."""
+    tok_chunks, pool_chunks = [], []
+    for i in range(0, len(pool), 256):
+        tk, pl = encoder([p.text for p in pool[i:i + 256]])
+        tok_chunks.append(tk)
+        pool_chunks.append(pl)
+    null_tok, null_pooled = encoder([""])
+    return torch.cat(tok_chunks), torch.cat(pool_chunks), null_tok, null_pooled
+
+
+def _train_step(step: int, a: TrainArgs, model, ema, opt, pool, encoded) -> float:
+    """One flow-matching step on this step's batch, then the EMA update; returns the loss."""
+    pool_tok, pool_pooled, null_tok, null_pooled = encoded
+    pixels, idx = training_batch(step, a, pool)
+    g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+    x0 = pixels_to_latent(pixels)
+    noise = torch.randn(x0.shape, generator=g)
+    # Uniform t: layout, shape and concept are decided near t = 1, which logit-normal sampling
+    # (SD3's choice) visits too rarely for a short CPU run.
+    t = torch.rand(a.batch_size, generator=g)
+    drop = torch.rand(a.batch_size, generator=g) < a.cfg_dropout
+    tokens, pooled = pool_tok[idx].clone(), pool_pooled[idx].clone()
+    tokens[drop], pooled[drop] = null_tok, null_pooled
+    xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
+    v = velocity(model, xt, t, tokens, pooled)
+    loss = F.mse_loss(v, noise - x0)
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, a)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        d = min(a.ema_decay, (1 + step) / (10 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - d)
+    return loss.item()
+
+
+def _write_model(out: Path, a: TrainArgs, ema, state: _TrainState, trained_now: bool) -> dict:
+    """ema.safetensors (unless a finished run wrote it already) and ema.json, the config that loads it."""
+    from safetensors.torch import save_file
+
+    if trained_now or not (out / "ema.safetensors").exists():
+        weights = {k: v.contiguous() for k, v in ema.state_dict().items()}
+        save_file(weights, os.fspath(out / "ema.safetensors"))
+    summary = {"model": a.model.to_dict(), "training": {
+        "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
+        "cfg_dropout": a.cfg_dropout, "caption_pool": a.caption_pool, "seed": a.seed,
+        "final_loss_ema": state.history[-1][1] if state.history else None,
+        "train_minutes": round(state.elapsed_s / 60, 2),
+        "threads": a.threads, "timestep_sampling": "uniform(0,1)", "timestep_shift": TIMESTEP_SHIFT}}
+    with open(out / "ema.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
 def train(a: TrainArgs, encoder: Encoder | None = None, progress: bool = True,
           log: Callable[[str], None] = print, stop_after: int | None = None) -> dict:
     """Train (or resume) into a.out/: checkpoint.pt (resumable), ema.safetensors + ema.json (the model).
     Returns a summary dict. Kill it any time; rerun with the same args to continue. `stop_after` ends
     this call after that many new steps (as a kill would, but at a checkpoint)."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     encoder = encoder or _default_encoder()
-    cfg = a.model
-    model = build_model(cfg, a.seed)
-    ema = build_model(cfg, a.seed)
+    model = build_model(a.model, a.seed)
+    ema = build_model(a.model, a.seed)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.99))
     ckpt_path = out / "checkpoint.pt"
-    start, history, elapsed, running = 0, [], 0.0, None
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["model_config"] != cfg.to_dict() or ck["seed"] != a.seed or ck["batch_size"] != a.batch_size:
-            raise SafeDIGError("the checkpoint was made with other settings (model, seed or batch size)",
-                               "use another --out, or delete the checkpoint to start over", path=ckpt_path)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        start, history, elapsed, running = ck["step"], ck["history"], ck["elapsed_s"], ck["running_loss"]
-        log(f"resuming from step {start} ({elapsed / 60:.1f} min trained)")
+    state = _resume(ckpt_path, a, model, ema, opt, log)
+    start = state.step
 
-    # Encode the caption pool once (the encoder costs ~ a third of a training step per batch).
     pool = world.prompt_pool(a.caption_pool, a.seed)
     t0 = time.time()
-    tok_chunks, pool_chunks = [], []
-    for i in range(0, len(pool), 256):
-        tk, pl = encoder([p.text for p in pool[i:i + 256]])
-        tok_chunks.append(tk)
-        pool_chunks.append(pl)
-    pool_tok, pool_pooled = torch.cat(tok_chunks), torch.cat(pool_chunks)
-    null_tok, null_pooled = encoder([""])
+    encoded = _encode_pool(encoder, pool)
     log(f"encoded {len(pool)} training captions in {time.time() - t0:.0f}s")
 
     model.train()
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, disable=not progress,
                desc="train-bundled", dynamic_ncols=True, mininterval=2.0)
-    t_start = time.time() - elapsed
+    t_start = time.time() - state.elapsed_s
 
     def checkpoint(step: int) -> None:
+        state.step, state.elapsed_s = step, time.time() - t_start
         _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                      "step": step, "history": history, "elapsed_s": time.time() - t_start,
-                      "model_config": cfg.to_dict(), "seed": a.seed, "batch_size": a.batch_size,
-                      "running_loss": running}, ckpt_path)
+                      "step": step, "history": state.history, "elapsed_s": state.elapsed_s,
+                      "model_config": a.model.to_dict(), "seed": a.seed, "batch_size": a.batch_size,
+                      "running_loss": state.running_loss}, ckpt_path)
 
     end = a.steps if stop_after is None else min(a.steps, start + stop_after)
     for step in bar:
         if step == end:
             checkpoint(step)
             break
-        pixels, idx = training_batch(step, a, pool)
-        g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        x0 = pixels_to_latent(pixels)
-        noise = torch.randn(x0.shape, generator=g)
-        # Uniform t: layout, shape and concept are decided near t = 1, which logit-normal sampling
-        # (SD3's choice) visits too rarely for a short CPU run.
-        t = torch.rand(a.batch_size, generator=g)
-        drop = torch.rand(a.batch_size, generator=g) < a.cfg_dropout
-        tokens, pooled = pool_tok[idx].clone(), pool_pooled[idx].clone()
-        tokens[drop], pooled[drop] = null_tok, null_pooled
-        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
-        v = velocity(model, xt, t, tokens, pooled)
-        loss = F.mse_loss(v, noise - x0)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, a)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(a.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - d)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        loss = _train_step(step, a, model, ema, opt, pool, encoded)
+        running = state.running_loss
+        state.running_loss = loss if running is None else 0.98 * running + 0.02 * loss
         if (step + 1) % 25 == 0:
-            history.append((step + 1, round(running, 5)))
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{_lr_at(step, a):.1e}", refresh=False)
+            state.history.append((step + 1, round(state.running_loss, 5)))
+        bar.set_postfix(loss=f"{state.running_loss:.4f}", lr=f"{_lr_at(step, a):.1e}", refresh=False)
         if (step + 1) % a.checkpoint_every == 0 or step + 1 == a.steps:
             checkpoint(step + 1)
     bar.close()
-    elapsed = time.time() - t_start
+    state.elapsed_s = time.time() - t_start
     if end < a.steps:
         log(f"stopped at step {end} of {a.steps}; rerun to continue")
         return {"stopped_at": end}
-    final_step = a.steps
-    if start < a.steps or not (out / "ema.safetensors").exists():
-        weights = {k: v.contiguous() for k, v in ema.state_dict().items()}
-        save_file(weights, os.fspath(out / "ema.safetensors"))
-    summary = {"model": cfg.to_dict(), "training": {
-        "steps": final_step, "batch_size": a.batch_size, "lr": a.lr, "ema_decay": a.ema_decay,
-        "cfg_dropout": a.cfg_dropout, "caption_pool": a.caption_pool, "seed": a.seed,
-        "final_loss_ema": history[-1][1] if history else None, "train_minutes": round(elapsed / 60, 2),
-        "threads": a.threads, "timestep_sampling": "uniform(0,1)", "timestep_shift": TIMESTEP_SHIFT}}
-    with open(out / "ema.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    log(f"done: {final_step} steps in {elapsed / 60:.1f} min, loss {summary['training']['final_loss_ema']}")
+    summary = _write_model(out, a, ema, state, trained_now=start < a.steps)
+    log(f"done: {a.steps} steps in {state.elapsed_s / 60:.1f} min, loss {summary['training']['final_loss_ema']}")
     return summary
