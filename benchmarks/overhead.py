@@ -146,7 +146,7 @@ def _cached_bytes(d: SteeringDictionary) -> int:
                if isinstance(v, torch.Tensor))
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny widths (CI)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -162,7 +162,116 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="float32 on cpu, bfloat16 on cuda unless given")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "overhead.json"))
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _model_config(args: argparse.Namespace, cuda: bool) -> dict:
+    cfg = dict(SMOKE if args.smoke else FLUX_DEV)
+    if cuda and not args.smoke:
+        cfg.update(FLUX_DEV_DEPTH)
+    for key in ("image_tokens", "text_tokens", "double", "single"):
+        if getattr(args, key):
+            cfg[key] = getattr(args, key)
+    return cfg
+
+
+def _ratio_ci(base: list[float], steered: list[float], n_boot: int = 2000) -> list[float]:
+    """95 % bootstrap interval of median(steered) / median(base), resampling the paired repeats."""
+    gen = torch.Generator().manual_seed(0)
+    b, s = torch.tensor(base), torch.tensor(steered)
+    idx = torch.randint(len(base), (n_boot, len(base)), generator=gen)
+    ratios = s[idx].median(dim=1).values / b[idx].median(dim=1).values
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975])).tolist()
+    return [round(lo, 4), round(hi, 4)]
+
+
+def _time_scenario(model, inputs, d, p, repeats: int, cuda: bool) -> tuple[dict, float, float]:
+    """Alternate baseline and steered forwards (so drift in machine load hits both alike); medians."""
+    base, steered = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            base.append(timed(model, inputs))
+            steered.append(timed(model, inputs, SteeringHooks(model, d, p)))
+        else:
+            steered.append(timed(model, inputs, SteeringHooks(model, d, p)))
+            base.append(timed(model, inputs))
+    b, s = statistics.median(base), statistics.median(steered)
+    result = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4),
+              "ratio_ci95": _ratio_ci(base, steered)}
+    if cuda:  # GPU forwards are short: keep the spread and finer figures
+        result.update(baseline_ms=round(b * 1e3, 2), steered_ms=round(s * 1e3, 2),
+                      baseline_range_ms=[round(min(base) * 1e3, 2), round(max(base) * 1e3, 2)],
+                      steered_range_ms=[round(min(steered) * 1e3, 2), round(max(steered) * 1e3, 2)])
+    return result, b, s
+
+
+def _warm_up(model, inputs, scenarios: dict, warm: int, gpu: dict, t_start: float) -> tuple[list, dict]:
+    """Warm-up forwards (unsteered, then each scenario once or twice: casts and caches the pack's weights);
+    on CUDA also the peak memory of an unsteered and of a steered forward, into `gpu`."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    base_warm = [timed(model, inputs) for _ in range(warm)]
+    _log(t_start, f"unsteered warm-up: {', '.join(f'{t:.3f}s' for t in base_warm)}")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        timed(model, inputs)
+        gpu["forward_peak_unsteered"] = torch.cuda.max_memory_allocated(device)
+        before_pack = torch.cuda.memory_allocated(device)
+    steered_warm = {}
+    for name, (d, p) in scenarios.items():
+        steered_warm[name] = [timed(model, inputs, SteeringHooks(model, d, p)) for _ in range(2 if cuda else 1)]
+        _log(t_start, f"{name} warm-up: {', '.join(f'{t:.3f}s' for t in steered_warm[name])}")
+    if cuda:
+        torch.cuda.synchronize(device)
+        gpu["pack_weights_cached"] = torch.cuda.memory_allocated(device) - before_pack
+        gpu["forward_peak_steered"] = {}
+        for name in ("gate_closed", "gate_open"):
+            d, p = scenarios[name]
+            torch.cuda.reset_peak_memory_stats(device)
+            timed(model, inputs, SteeringHooks(model, d, p))
+            gpu["forward_peak_steered"][name] = torch.cuda.max_memory_allocated(device)
+    return base_warm, steered_warm
+
+
+def _repeats_within(budget: float | None, repeats: int, base_warm: list[float], steered_warm: dict,
+                    t_start: float) -> int:
+    """Fewer repeats (at least 3) when the warm-up says `repeats` would overrun the time budget."""
+    if budget is None:
+        return repeats
+    # one repeat = one unsteered + one steered forward per scenario
+    per_repeat = len(steered_warm) * statistics.median(base_warm) + sum(ts[-1] for ts in steered_warm.values())
+    if per_repeat * repeats <= budget:
+        return repeats
+    fitted = max(3, int(budget / per_repeat))
+    _log(t_start, f"{repeats} repeats would take ~{per_repeat * repeats:.0f}s > budget {budget:.0f}s: {fitted} repeats")
+    return fitted
+
+
+def _pack_memory_mb(cfg: dict, d_model: int) -> dict:
+    d_sae = cfg["expansion"] * d_model
+    return {
+        # encoder (W_enc, b_enc, b_pre) + one domain's decoder (W_dec, b_dec), 2 bytes per value
+        "bf16_or_fp16_one_domain": round((2 * d_sae * d_model + d_sae + 2 * d_model) * 2 / 2**20, 1),
+        "bf16_or_fp16_each_extra_domain": round((d_sae * d_model + d_model) * 2 / 2**20, 1),
+    }
+
+
+def _gpu_memory_mb(gpu: dict) -> dict:
+    n, peak = len(POSITIONS), gpu["forward_peak_unsteered"]
+    steered = gpu["forward_peak_steered"]
+    return {
+        "model": round(gpu["model"] / MB, 1),
+        "model_init_peak": round(gpu["model_init_peak"] / MB, 1),
+        "forward_peak_unsteered": round(peak / MB, 1),
+        "pack_weights_cached": round(gpu["pack_weights_cached"] / MB, 1),
+        "forward_peak_steered": {k: round(v / MB, 1) for k, v in steered.items()},
+        "extra_peak_vs_unsteered": {k: round((v - peak) / MB, 1) for k, v in steered.items()},
+        "extra_peak_vs_unsteered_per_position": {k: round((v - peak) / n / MB, 1) for k, v in steered.items()},
+    }
+
+
+def main() -> int:
+    args = _parse_args()
     t_start = time.perf_counter()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -172,12 +281,7 @@ def main() -> int:
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     repeats = args.repeats or (11 if cuda else 5)
     budget = args.time_budget if args.time_budget is not None else (240.0 if cuda else None)
-    cfg = dict(SMOKE if args.smoke else FLUX_DEV)
-    if cuda and not args.smoke:
-        cfg.update(FLUX_DEV_DEPTH)
-    for key in ("image_tokens", "text_tokens", "double", "single"):
-        if getattr(args, key):
-            cfg[key] = getattr(args, key)
+    cfg = _model_config(args, cuda)
     dtype = getattr(torch, args.dtype)
     d_model = cfg["heads"] * cfg["head_dim"]
     gpu = {}  # peak GPU memory, bytes
@@ -211,64 +315,20 @@ def main() -> int:
           + (f"{torch.cuda.get_device_name(device)}" if cuda else f"CPU threads {torch.get_num_threads()}"),
           flush=True)
     warm = 3 if cuda else 1  # the GPU's first calls pick kernels and grow the allocator's pools
-    base_warm = [timed(model, inputs) for _ in range(warm)]  # warm-up
-    _log(t_start, f"unsteered warm-up: {', '.join(f'{t:.3f}s' for t in base_warm)}")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        timed(model, inputs)
-        gpu["forward_peak_unsteered"] = torch.cuda.max_memory_allocated(device)
-        before_pack = torch.cuda.memory_allocated(device)
-    steered_warm = {}
-    for name, (d, p) in scenarios.items():  # warm-up: casts and caches each pack's weights once
-        steered_warm[name] = [timed(model, inputs, SteeringHooks(model, d, p)) for _ in range(2 if cuda else 1)]
-        _log(t_start, f"{name} warm-up: {', '.join(f'{t:.3f}s' for t in steered_warm[name])}")
-    if cuda:
-        torch.cuda.synchronize(device)
-        gpu["pack_weights_cached"] = torch.cuda.memory_allocated(device) - before_pack
-        gpu["forward_peak_steered"] = {}
-        for name in ("gate_closed", "gate_open"):
-            d, p = scenarios[name]
-            torch.cuda.reset_peak_memory_stats(device)
-            timed(model, inputs, SteeringHooks(model, d, p))
-            gpu["forward_peak_steered"][name] = torch.cuda.max_memory_allocated(device)
+    base_warm, steered_warm = _warm_up(model, inputs, scenarios, warm, gpu, t_start)
     requested = repeats
-    if budget is not None:  # one repeat = one unsteered + one steered forward per scenario
-        per_repeat = len(scenarios) * statistics.median(base_warm) + sum(ts[-1] for ts in steered_warm.values())
-        if per_repeat * repeats > budget:
-            repeats = max(3, int(budget / per_repeat))
-            _log(t_start, f"{requested} repeats would take ~{per_repeat * requested:.0f}s > budget {budget:.0f}s: "
-                          f"{repeats} repeats")
-    results = {}
+    repeats = _repeats_within(budget, repeats, base_warm, steered_warm, t_start)
+    results, medians = {}, {}
     for name, (d, p) in scenarios.items():
-        base, steered = [], []
-        for i in range(repeats):  # alternate, so drift in machine load hits both alike
-            if i % 2 == 0:
-                base.append(timed(model, inputs))
-                steered.append(timed(model, inputs, SteeringHooks(model, d, p)))
-            else:
-                steered.append(timed(model, inputs, SteeringHooks(model, d, p)))
-                base.append(timed(model, inputs))
-        b, s = statistics.median(base), statistics.median(steered)
-        results[name] = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4)}
-        if cuda:  # GPU forwards are short: keep the spread and finer figures
-            results[name].update(baseline_ms=round(b * 1e3, 2), steered_ms=round(s * 1e3, 2),
-                                 baseline_range_ms=[round(min(base) * 1e3, 2), round(max(base) * 1e3, 2)],
-                                 steered_range_ms=[round(min(steered) * 1e3, 2), round(max(steered) * 1e3, 2)])
-        results[name]["_raw"] = (b, s)
-        print(f"{name:12s} baseline {b:8.3f}s  steered {s:8.3f}s  ratio {s / b:.3f}", flush=True)
+        results[name], b, s = _time_scenario(model, inputs, d, p, repeats, cuda)
+        medians[name] = (b, s)
+        print(f"{name:12s} baseline {b:8.3f}s  steered {s:8.3f}s  ratio {s / b:.3f} "
+              f"(95% CI {results[name]['ratio_ci95'][0]:.3f}-{results[name]['ratio_ci95'][1]:.3f})", flush=True)
     one_block = statistics.median(block_time(model, inputs) for _ in range(5 if cuda else 3))
     for name in ("gate_closed", "gate_open"):
-        r = results[name]
-        b, s = r["_raw"]
-        r["per_site_vs_one_double_block"] = round((s - b) / len(POSITIONS) / one_block, 4)
-    for r in results.values():
-        del r["_raw"]
-    d_sae = cfg["expansion"] * d_model
-    per_position_mb = {
-        # encoder (W_enc, b_enc, b_pre) + one domain's decoder (W_dec, b_dec), 2 bytes per value
-        "bf16_or_fp16_one_domain": round((2 * d_sae * d_model + d_sae + 2 * d_model) * 2 / 2**20, 1),
-        "bf16_or_fp16_each_extra_domain": round((d_sae * d_model + d_model) * 2 / 2**20, 1),
-    }
+        b, s = medians[name]
+        results[name]["per_site_vs_one_double_block"] = round((s - b) / len(POSITIONS) / one_block, 4)
+    per_position_mb = _pack_memory_mb(cfg, d_model)
     config = {**cfg, "dtype": args.dtype, "positions": POSITIONS, "device": args.device,
               "threads": torch.get_num_threads(), "repeats": repeats}
     if cuda:
@@ -282,24 +342,12 @@ def main() -> int:
         n = len(POSITIONS)
         per_position_mb[f"measured_{args.dtype}_one_domain"] = round(gpu["pack_weights_cached"] / n / MB, 1)
         per_position_mb[f"measured_{args.dtype}_one_domain_tensor_bytes"] = round(_cached_bytes(pack) / n / MB, 1)
-        peak = gpu["forward_peak_unsteered"]
-        gpu_mb = {
-            "model": round(gpu["model"] / MB, 1),
-            "model_init_peak": round(gpu["model_init_peak"] / MB, 1),
-            "forward_peak_unsteered": round(peak / MB, 1),
-            "pack_weights_cached": round(gpu["pack_weights_cached"] / MB, 1),
-            "forward_peak_steered": {k: round(v / MB, 1) for k, v in gpu["forward_peak_steered"].items()},
-            "extra_peak_vs_unsteered": {k: round((v - peak) / MB, 1)
-                                        for k, v in gpu["forward_peak_steered"].items()},
-            "extra_peak_vs_unsteered_per_position": {k: round((v - peak) / n / MB, 1)
-                                                     for k, v in gpu["forward_peak_steered"].items()},
-        }
     out = {"config": config,
            "one_double_block_s": round(one_block, 4), "scenarios": results, "pack_memory_mb_per_position":
            per_position_mb}
     if cuda:
         out["one_double_block_ms"] = round(one_block * 1e3, 3)
-        out["gpu_memory_mb"] = gpu_mb
+        out["gpu_memory_mb"] = _gpu_memory_mb(gpu)
     print(json.dumps(out, indent=2))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
