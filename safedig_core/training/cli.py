@@ -83,6 +83,13 @@ def _generator_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    _add_stages(sub)
+    _add_build_pack(sub)
+    _add_steer_check(sub)
+
+
+def _add_stages(sub: argparse._SubParsersAction) -> None:
+    """One subcommand per pipeline stage, run in order on one --run folder."""
     p = sub.add_parser("collect", help="capture activations of a prompt set at every candidate position")
     _common(p)
     _generator_args(p)
@@ -133,6 +140,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="pack path (.safetensors)")
     p.set_defaults(func=_export)
 
+
+def _add_build_pack(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-pack", help="the whole pipeline on the bundled model -> the shipped pack")
     _common(p, run_required=False)
     _sae_args(p)
@@ -152,6 +161,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pull", type=float, default=AdaptConfig.pull)
     p.set_defaults(func=_build_pack, epochs=3.0)  # 3 SAE epochs keep every FVE > 0.8 and the build < 15 min
 
+
+def _add_steer_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("steer-check", help="judge unsafe/benign generations of the bundled model with a pack")
     p.add_argument("pack")
     p.add_argument("--n", type=int, default=8, help="held-out prompts per concept")
