@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from comfy_api.v0_0_2 import io
-
 from safedig_core import SteeringDictionary, load_pack
 from safedig_core.errors import SafeDIGError
 from safedig_core.pack_info import format_pack
 
 from . import packs
+from .compat import io
 from .types import SafeDIGDict
 
 

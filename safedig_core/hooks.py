@@ -212,7 +212,7 @@ class ActivationCapture:
                                "list valid ids with `python -m safedig_core positions`")
         self.positions = list(positions) if positions else self.model_positions.ids
         self.activations: dict[str, list[Tensor]] = {p: [] for p in self.positions}
-        self.on_activation = on_activation or (lambda p, t: self.activations[p].append(t.detach().cpu()))
+        self.on_activation = on_activation or (lambda p, t: self.activations[p].append(t.detach().to("cpu", copy=True)))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> ActivationCapture:
