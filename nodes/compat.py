@@ -23,7 +23,7 @@ from safedig_core.errors import SafeDIGError
 # Pinned V3 API versions the nodes are written against, newest first (comfy_api/version_list.py upstream).
 SUPPORTED_APIS = ("v0_0_3", "v0_0_2")
 # The oldest ComfyUI whose comfy_api.v0_0_2 has every V3 name the nodes use (pyproject.toml requires-comfyui).
-MINIMUM_COMFYUI = "0.3.75"
+MINIMUM_COMFYUI = "0.3.52"
 API_NAMES = ("io", "ui", "ComfyExtension")
 
 # FluxParams fields without a default that older ComfyUI did not have, with the value that reproduces FLUX.1's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safedig_core.errors import SafeDIGError
 
 from comfy_env import import_comfy
 from tiny_models import FLUX_CFG, comfy_flux_from, diffusers_flux, flux_inputs, nodes_compat
+
+pytestmark = pytest.mark.comfy_inprocess
 
 
 @dataclasses.dataclass
@@ -85,6 +88,14 @@ def test_api_resolution_takes_the_newest_supported_version(compat):
     assert api is compat.API and all(hasattr(api, n) for n in compat.API_NAMES)
     assert compat.resolve_api(("v9_9_9", "v0_0_2")).__name__ == "comfy_api.v0_0_2"
     assert compat.resolve_api(("v9_9_9",)) is None
+
+
+def test_the_comfyui_under_test_is_the_one_the_test_command_asked_for(compat):
+    """scripts/test.sh's second pass sets SAFEDIG_EXPECT_COMFYUI, so it cannot pass on the wrong ComfyUI."""
+    import_comfy()
+    expected = os.environ.get("SAFEDIG_EXPECT_COMFYUI")
+    assert compat.comfyui_version() == (expected or compat.comfyui_version()) != "unknown"
+    assert tuple(map(int, compat.comfyui_version().split("."))) >= tuple(map(int, compat.MINIMUM_COMFYUI.split(".")))
 
 
 def test_no_supported_api_is_one_clear_line(compat):

@@ -17,6 +17,8 @@ from safedig_core.synthetic import random_pack
 from comfy_env import ROOT, import_comfy
 from tiny_models import SD3_CFG, comfy_sd3_from, diffusers_sd3
 
+pytestmark = pytest.mark.comfy_inprocess
+
 SD3_POSITIONS = ["joint.0.txt.mlp", "joint.0.img.attn", "joint.1.img.mlp"]
 
 
