@@ -24,6 +24,7 @@ from safedig_core.errors import SafeDIGError
 SUPPORTED_APIS = ("v0_0_3", "v0_0_2")
 # The oldest ComfyUI whose comfy_api.v0_0_2 has every V3 name the nodes use (pyproject.toml requires-comfyui).
 MINIMUM_COMFYUI = "0.3.52"
+NEWEST_TESTED_COMFYUI = "0.3.75"  # the test command's first pass (scripts/bootstrap.sh)
 API_NAMES = ("io", "ui", "ComfyExtension")
 
 # FluxParams fields without a default that older ComfyUI did not have, with the value that reproduces FLUX.1's
@@ -93,7 +94,7 @@ def flux_params(values: dict, params_class: type | None = None) -> dict:
             continue
         if name not in FLUX1_REQUIRED_DEFAULTS:
             raise SafeDIGError(f"{host_label()}'s FluxParams requires a field {name!r} that SafeDIG does not know",
-                               f"use ComfyUI {MINIMUM_COMFYUI} or a release SafeDIG lists in docs/nodes.md, and "
-                               "report this ComfyUI version to SafeDIG")
+                               f"use a ComfyUI release SafeDIG was tested on ({MINIMUM_COMFYUI} to "
+                               f"{NEWEST_TESTED_COMFYUI}, docs/nodes.md), and report {host_label()} to SafeDIG")
         kwargs[name] = list(FLUX1_REQUIRED_DEFAULTS[name])
     return kwargs

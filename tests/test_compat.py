@@ -61,7 +61,8 @@ def test_flux_params_fit_both_constructors(compat):
 
 
 def test_an_unknown_required_flux_field_is_a_clear_error(compat):
-    with pytest.raises(SafeDIGError, match=r"FluxParams requires a field 'rope_layout'.*ComfyUI 0\.3\.75"):
+    expected = r"^ComfyUI \S+'s FluxParams requires a field 'rope_layout'.*tested on \(0\.3\.52 to 0\.3\.75"
+    with pytest.raises(SafeDIGError, match=expected):
         compat.flux_params(FLUX1, FutureFluxParams)
 
 
