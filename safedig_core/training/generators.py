@@ -131,9 +131,19 @@ def load_pipeline(model_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         raise SafeDIGError(f"pipeline class {index.get('_class_name')!r} is not supported",
                            f"use one of {DIFFUSERS_PIPELINES}", path=model_dir)
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(os.fspath(model_dir), torch_dtype=dtype, local_files_only=True, **absent)
+    pipe = DiffusionPipeline.from_pretrained(os.fspath(model_dir), local_files_only=True, **absent,
+                                             **{_dtype_keyword(): dtype})
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _dtype_keyword() -> str:
+    """diffusers 0.40 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); older releases
+    know only `torch_dtype`, and requirements allow diffusers >= 0.32."""
+    import diffusers
+
+    major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
 
 
 class DiffusersGenerator(Generator):
