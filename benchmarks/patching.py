@@ -14,7 +14,7 @@ pooled-text projection, which is not a position id, see safedig_core/positions.p
 greedy search: start from the best single position by redrawn share (mean of both domains), then add the
 position that raises it most, up to --greedy-size positions.
 
-    .venv/bin/python benchmarks/patching.py            # N=30 per domain, 20 steps (~15 min on 2 busy cores)
+    .venv/bin/python benchmarks/patching.py            # N=30 per domain, 20 steps (~7 min on 2 cores)
     .venv/bin/python benchmarks/patching.py --smoke    # CI: N=2, 2 steps, the two input projections
 
 Writes benchmarks/results/patching{,_smoke}.json and, for the full run, patching.png.
