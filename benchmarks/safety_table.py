@@ -66,7 +66,7 @@ METHODS = [
     Method("SafeDIG Repel 2", pack="main", params=steering("repel", 2.0)),
     Method("SafeDIG Repel 4", pack="main", params=steering("repel", 4.0)),
     Method("SafeDIG Both 1", pack="main", params=steering("both", 1.0)),
-    # The per-token gate of method.md section 6, at the calibrated threshold and at a quarter of it.
+    # The per-token gate of docs/method.md section 6, at the calibrated threshold and at a quarter of it.
     Method("SafeDIG Blend 1, token gate", pack="main", params=steering("blend", 1.0, scope="token")),
     Method("SafeDIG Blend 1, token gate, threshold x0.25", pack="main",
            params=steering("blend", 1.0, scope="token", tau_scale=0.25)),

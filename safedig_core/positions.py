@@ -1,7 +1,7 @@
 """Canonical intervention positions and where each backend computes them.
 
 A position id names one module output inside one transformer block, the same for every backend that
-runs the architecture (method.md section 1):
+runs the architecture (docs/method.md section 1):
 
     flux:  input.txt   double.{i}.{img|txt}.{attn|mlp}   single.{j}.out
     sd3:   input.txt   joint.{i}.{img|txt}.{attn|mlp}    (the last joint block has no text-stream outputs)

@@ -1,4 +1,4 @@
-"""TopK sparse autoencoder with a separable encoder and decoder (method.md section 2).
+"""TopK sparse autoencoder with a separable encoder and decoder (docs/method.md section 2).
 
     z     = TopK_k( ReLU( W_enc (x/s - b_pre) + b_enc ) )     encoder, frozen after source training
     x_hat = s * ( W_dec z + b_dec )                           decoder, one per risk domain

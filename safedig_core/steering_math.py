@@ -1,4 +1,4 @@
-"""Steering math (method.md section 6) as pure functions of tensors.
+"""Steering math (docs/method.md section 6) as pure functions of tensors.
 
 At a routed position, per token of the rows being steered:
 
@@ -8,7 +8,7 @@ At a routed position, per token of the rows being steered:
     Both:   Blend, then Repel on the blended activation
 
 tau is the pack's calibrated threshold times tau_scale (or an override). With the image scope (an
-addition to method.md: its per-token gate at the calibrated threshold opened on too few tokens of an
+addition to the paper: the per-token gate at the calibrated threshold opened on too few tokens of an
 unsafe image to change it), an image whose score passes tau anywhere is latched, and from then on every
 token of it with g > 0 is steered.
 
@@ -33,7 +33,7 @@ from torch import Tensor
 from .errors import SafeDIGError
 from .sae import topk_relu
 
-# Strengths above this push activations far off the data manifold (method.md section 8: at -10 every
+# Strengths above this push activations far off the data manifold (docs/method.md section 8: at -10 every
 # image became noise); they are rejected, not clamped, so a workflow never silently means something else.
 MAX_STRENGTH = 4.0
 # The calibrated threshold may be scaled from 0 (every token where a harmful latent fires) to 4x stricter.

@@ -30,7 +30,7 @@ def activations(seed=0, batch=3, tokens=20, dtype=torch.float32):
 
 
 def reference(x, w, p, row_mask=None):
-    """Straightforward formula of method.md section 6 (no pruning), for comparison."""
+    """Straightforward formula of docs/method.md section 6 (no pruning), for comparison."""
     tau = w.tau * p.tau_scale if p.tau_override is None else p.tau_override
     enc = lambda v: topk_relu((v / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)  # noqa: E731
     z = enc(x)

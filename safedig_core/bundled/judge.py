@@ -5,7 +5,7 @@ A small CNN trained ONLY on procedurally rendered images (never on generated one
     shape, position, background                           -> collateral damage on the rest of the scene
     validity    procedural scene vs. corrupted/noise image -> tells a real image from noise
 The concept head is trained on valid images only, so on noise it still names SOME concept: read
-`validity` and `confidence` beside every unsafe rate (method.md section 8).
+`validity` and `confidence` beside every unsafe rate (docs/method.md section 8).
 
 Robustness to generator artefacts comes from augmentation (pixel noise, blur, colour jitter), not from
 generated images. `python -m safedig_core train-judge` trains it and reports held-out accuracy.

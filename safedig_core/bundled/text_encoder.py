@@ -7,7 +7,7 @@
                          zeros keep padding identical for every prompt);
     pooled  [B, 384]     the sentence embedding (masked mean of the tokens, L2-normalised), what
                          sentence-transformers returns for this model.
-The pooled vector is dominated by words the captions share (method.md section 8), so the generator
+The pooled vector is dominated by words the captions share (docs/method.md section 8), so the generator
 reads the token states as its context and the pooled vector only as a global hint.
 
 The empty prompt "" encodes to [CLS][SEP] like any other text; it is the unconditional input for

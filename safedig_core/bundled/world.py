@@ -259,7 +259,7 @@ def sample_prompt(rng: np.random.Generator, split: str = "train",
 
 def swap_concept(prompt: Prompt, concept: str, rng: np.random.Generator | None = None) -> Prompt:
     """The same caption with the concept phrase replaced by one of `concept`'s (same split, same
-    template, same other words): the matched counterpart of method.md section 3."""
+    template, same other words): the matched counterpart of docs/method.md section 3."""
     old = concept_wordings(prompt.concept, prompt.split)[prompt.wording]
     new_phrases = concept_wordings(concept, prompt.split)
     w = prompt.wording % len(new_phrases) if rng is None else int(rng.integers(len(new_phrases)))

@@ -1,5 +1,5 @@
 """Collect activations: run a generator over prompts x sampled steps, capture every candidate position
-with the core's hooks (`ActivationCapture`), and write them as shards (method.md sections 2-4).
+with the core's hooks (`ActivationCapture`), and write them as shards (docs/method.md sections 2-4).
 
 One folder per prompt set (e.g. runs/NAME/collect/source/):
     manifest.json                 the plan: prompts (text, label, seed, pair, subdomain), capture steps,

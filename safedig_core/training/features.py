@@ -1,4 +1,4 @@
-"""Harmful features, safe anchors and the gate threshold (method.md sections 3 and 5).
+"""Harmful features, safe anchors and the gate threshold (docs/method.md sections 3 and 5).
 
 Per latent j, from matched unsafe/safe pairs through the frozen encoder: each row (a prompt at a captured
 step) is summarised by the latent's max over the row's tokens ("does it fire anywhere"), and

@@ -1,4 +1,4 @@
-"""Robustness-aware routing BEFORE any SAE is trained (method.md section 4).
+"""Robustness-aware routing BEFORE any SAE is trained (docs/method.md section 4).
 
 Every candidate position is scored from raw activations (each row = one prompt at one captured step,
 mean over its tokens), with unsafe/safe matched pairs of the source domain:
@@ -15,7 +15,7 @@ mean over its tokens), with unsafe/safe matched pairs of the source domain:
 
 The router keeps the top R under a diversity rule: at most ceil(R/2) positions per stream (img, txt,
 single-stream "both"), at most one per (block, stream), and (for R >= 2) at least one text-stream
-position when the model has any (method.md section 8: steering only the image stream let later blocks
+position when the model has any (docs/method.md section 8: steering only the image stream let later blocks
 rebuild the concept from the text tokens). Where the rule leaves fewer than R (few streams or blocks), the best of the
 remaining candidates fill up.
 """

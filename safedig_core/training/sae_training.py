@@ -1,4 +1,4 @@
-"""TopK SAE training per routed position (method.md section 2) and decoder-only transfer to a target risk
+"""TopK SAE training per routed position (docs/method.md section 2) and decoder-only transfer to a target risk
 domain (section 5), resumable, deterministic under a seed, data-parallel under torch.distributed.
 
 Training (source domain):   x' = x / s,  z = TopK(ReLU((x' - b_dec) W_enc^T + b_enc)),  x_hat' = z W_dec + b_dec
