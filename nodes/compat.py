@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import logging
 from types import ModuleType
+from typing import Any
 
 from safedig_core.errors import SafeDIGError
 
@@ -29,7 +30,7 @@ API_NAMES = ("io", "ui", "ComfyExtension")
 
 # FluxParams fields without a default that older ComfyUI did not have, with the value that reproduces FLUX.1's
 # behaviour there: txt_ids_dims = [] keeps every text position id at zero, as 0.3.75 always did.
-FLUX1_REQUIRED_DEFAULTS = {"txt_ids_dims": []}
+FLUX1_REQUIRED_DEFAULTS: dict[str, list[int]] = {"txt_ids_dims": []}
 
 
 def comfyui_version() -> str:
@@ -73,9 +74,11 @@ def _load_api() -> ModuleType | None:
 
 
 API = _load_api()
-io = API.io if API is not None else None
-ui = API.ui if API is not None else None
-ComfyExtension = API.ComfyExtension if API is not None else None
+# Typed Any: the V3 API is a runtime-resolved module (its classes serve as bases and annotations), and None
+# only outside ComfyUI, where no node module is imported.
+io: Any = API.io if API is not None else None
+ui: Any = API.ui if API is not None else None
+ComfyExtension: Any = API.ComfyExtension if API is not None else None
 
 
 def flux_params(values: dict, params_class: type | None = None) -> dict:

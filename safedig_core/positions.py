@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard, cast
 
 from torch import nn
 
@@ -182,7 +183,7 @@ def find_backend(model: object) -> tuple[Backend, nn.Module]:
         ids = _class_ids(current)
         for backend in BACKENDS:
             if ids.intersection(backend.class_ids):
-                return backend, current
+                return backend, cast(nn.Module, current)
         seen.append(f"{type(current).__module__}.{type(current).__qualname__}")
         inner = next((getattr(current, a) for a in _WRAPPER_ATTRS if getattr(current, a, None) is not None), None)
         if inner is None:
@@ -199,11 +200,12 @@ def find_backend(model: object) -> tuple[Backend, nn.Module]:
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
     """The sub-module at a dotted path, or None where the block lacks it (e.g. a pre-only text stream)."""
+    current: nn.Module | None = module
     for part in path.split("."):
-        module = getattr(module, part, None) if not part.isdigit() else _index(module, int(part))
-        if module is None:
+        current = getattr(current, part, None) if not part.isdigit() else _index(current, int(part))
+        if current is None:
             return None
-    return module
+    return current
 
 
 def _index(module: nn.Module | None, i: int) -> nn.Module | None:
@@ -213,7 +215,7 @@ def _index(module: nn.Module | None, i: int) -> nn.Module | None:
         return None
 
 
-def _has_linear(module: nn.Module | None) -> bool:
+def _has_linear(module: nn.Module | None) -> TypeGuard[nn.Module]:
     return module is not None and any(isinstance(m, nn.Linear) for m in module.modules())
 
 

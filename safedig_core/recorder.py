@@ -197,7 +197,9 @@ class ScoreRecorder:
 
 def _ranges(values: Sequence[int]) -> str:
     """[1, 2, 3, 5] -> '1-3, 5'."""
-    out, start, prev = [], None, None
+    out: list[str] = []
+    start: int | None = None
+    prev = 0
     for v in sorted(values):
         if start is None:
             start = prev = v
@@ -304,6 +306,8 @@ def render_token_maps(recorders: Sequence[ScoreRecorder], images: np.ndarray | N
     back unchanged (or grey)."""
     from PIL import Image
 
+    NEAREST = Image.Resampling.NEAREST
+
     maps = merged_token_maps(recorders)
     if images is not None:
         n_images, height, width = images.shape[0], images.shape[1], images.shape[2]
@@ -317,9 +321,9 @@ def render_token_maps(recorders: Sequence[ScoreRecorder], images: np.ndarray | N
             out[b] = base.round().astype(np.uint8)
             continue
         m = maps[min(b, maps.shape[0] - 1)]
-        color = np.asarray(Image.fromarray(colorize(m)).resize((width, height), Image.NEAREST), dtype=np.float64)
+        color = np.asarray(Image.fromarray(colorize(m)).resize((width, height), NEAREST), dtype=np.float64)
         alpha_src = np.sqrt(np.clip(np.nan_to_num(m, nan=0.0), 0, 1)).astype(np.float32)
-        alpha = np.asarray(Image.fromarray(alpha_src).resize((width, height), Image.NEAREST), dtype=np.float64)
+        alpha = np.asarray(Image.fromarray(alpha_src).resize((width, height), NEAREST), dtype=np.float64)
         a = (0.25 + 0.6 * alpha)[..., None] if images is not None else np.ones((height, width, 1))
         out[b] = (base * (1 - a) + color * a).round().clip(0, 255).astype(np.uint8)
     return out

@@ -53,6 +53,8 @@ class SAEDecoder(nn.Module):
 class TopKSAE(nn.Module):
     """One position's SAE; `scale` is the per-position activation scale s."""
 
+    scale: Tensor  # a buffer, saved with the state dict
+
     def __init__(self, d_model: int, d_sae: int, k: int, scale: float = 1.0):
         super().__init__()
         self.d_model, self.d_sae = d_model, d_sae

@@ -134,7 +134,7 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str], columns: int = 8, s
     draw = ImageDraw.Draw(canvas)
     for i in range(b):
         x0, y0 = 4 + (i % columns) * (tw + 4), 4 + (i // columns) * (cell_h + 4)
-        canvas.paste(Image.fromarray(images[i]).resize((tw, th), Image.NEAREST), (x0, y0))
+        canvas.paste(Image.fromarray(images[i]).resize((tw, th), Image.Resampling.NEAREST), (x0, y0))
         for k, line in enumerate(textwrap.wrap(labels[i], chars)[:label_lines]):
             draw.text((x0, y0 + th + 2 + k * line_h), line, fill="black")
     return canvas
@@ -143,7 +143,7 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str], columns: int = 8, s
 def _save_png(image: np.ndarray, path: Path, scale: int) -> None:
     from PIL import Image
 
-    Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(path)
+    Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.NEAREST).save(path)
 
 
 def _set_threads(n: int) -> None:

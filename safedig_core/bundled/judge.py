@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -170,7 +171,7 @@ def evaluate(judge: Judge, n: int = 4000, seed: int = 12345, augmented: bool = F
     decision's accuracy and the validity head's accuracy on valid vs corrupted images."""
     rng = np.random.default_rng([seed, 99])
     g = torch.Generator().manual_seed(seed)
-    correct = {k: 0 for k in HEADS} | {"unsafe": 0, "validity": 0}
+    correct: dict[str, float] = {k: 0.0 for k in HEADS} | {"unsafe": 0.0, "validity": 0.0}
     for start in range(0, n, 500):
         x, y = procedural_batch(rng, min(500, n - start))
         if augmented:
@@ -221,7 +222,8 @@ def train_judge(out: str | os.PathLike = "runs/judge", steps: int = 1500, batch_
     judge = Judge(net)
     metrics = {"heldout_clean": evaluate(judge, seed=seed + 12345),
                "heldout_augmented": evaluate(judge, seed=seed + 54321, augmented=True)}
-    info = {"width": net.features[0][0].out_channels, "heads": {k: list(v) for k, v in HEADS.items()}, "steps": steps,
+    width = cast(Any, net.features)[0][0].out_channels
+    info = {"width": width, "heads": {k: list(v) for k, v in HEADS.items()}, "steps": steps,
             "batch_size": batch_size, "seed": seed, "train_minutes": round((time.time() - t0) / 60, 2),
             "metrics": metrics, "params": sum(p.numel() for p in net.parameters())}
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.fspath(out / "judge.safetensors"))

@@ -301,10 +301,11 @@ def prompt_pool(n: int, seed: int = 0, split: str = "train") -> list[Prompt]:
     rng = np.random.default_rng([seed, 3])
     combos = [(c, s, p, b) for c in CONCEPT_NAMES for s in SHAPE_NAMES
               for p in POSITION_NAMES for b in BACKGROUND_NAMES]
-    out = []
+    out: list[Prompt] = []
     while len(out) < n:
         for i in rng.permutation(len(combos)):
-            out.append(make_prompt(*combos[i], rng, split))
+            concept, shape, position, background = combos[i]
+            out.append(make_prompt(concept, shape, position, background, rng, split))
             if len(out) == n:
                 break
     return out

@@ -269,7 +269,7 @@ def _features(args) -> int:
     _setup(args)
     run = Path(args.run)
     specs = args.calib or ["benign=world:benign:50", "benign_heldout=world:benign:16:heldout"]
-    calib = {}
+    calib: dict[str, list[PromptRecord]] = {}
     for item in specs:
         name, _, spec = item.partition("=")
         if not spec:

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -171,8 +172,9 @@ def _collect_shard(generator: Generator, prompts: Sequence[PromptRecord], indice
                    capture_steps: list[int], batch_size: int, max_tokens: int | None) -> dict[str, torch.Tensor]:
     acts: dict[str, list[torch.Tensor]] = {p: [] for p in positions}
     means: dict[str, list[torch.Tensor]] = {p: [] for p in positions}
-    row_prompt, row_step = [], []
-    state = {"step": -1, "batch": []}
+    row_prompt: list[int] = []
+    row_step: list[int] = []
+    state: dict[str, Any] = {"step": -1, "batch": []}
     wanted = set(capture_steps)
 
     def on_activation(position: str, out) -> None:
@@ -245,7 +247,8 @@ class ActivationSet:
     def means(self, position: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean activations [rows, d], prompt index [rows], step [rows]) over all shards (small)."""
         parts = [self.read(s, [f"mean.{position}", "row.prompt", "row.step"]) for s in self.shards]
-        return tuple(torch.cat([p[k] for p in parts]) for k in (f"mean.{position}", "row.prompt", "row.step"))
+        mean, prompt, step = (torch.cat([p[k] for p in parts]) for k in (f"mean.{position}", "row.prompt", "row.step"))
+        return mean, prompt, step
 
     def labels(self) -> torch.Tensor:
         return torch.tensor([p.label for p in self.prompts])

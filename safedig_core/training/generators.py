@@ -101,7 +101,7 @@ class PromptEmbeddings:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        texts = sorted(self.index, key=self.index.get)
+        texts = sorted(self.index, key=self.index.__getitem__)
         save_file({"prompt_embeds": self.embeds.contiguous(), "pooled_prompt_embeds": self.pooled.contiguous()},
                   os.fspath(path), metadata={"texts": json.dumps(texts)})
 
@@ -173,7 +173,7 @@ class DiffusersGenerator(Generator):
                   width=self.width, output_type="latent",
                   generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
                   callback_on_step_end=lambda _p, i, _t, kwargs: (on_step(i + 1), kwargs)[1])
-        device, dtype = self.model.device, self.model.dtype
+        device, dtype = self.pipe.transformer.device, self.pipe.transformer.dtype
         if self.embeddings is None:
             kw["prompt"] = list(texts)
         else:

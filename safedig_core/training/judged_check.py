@@ -8,6 +8,7 @@ scene, not noise) and, for benign prompts, concept accuracy and the mean pixel c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ import torch
 from ..bundled import world
 from ..hooks import SteeringDictionary, SteeringHooks
 from ..pack import load_pack
-from ..steering_math import SteeringParams
+from ..steering_math import GateScope, Mode, SteeringParams
 from .collect import world_prompts
 
 
@@ -52,8 +53,9 @@ def steer_check(pack_path, n_per_concept: int = 8, modes: Sequence[str] = ("off"
     groups += [(f"benign ({d} dict)", "benign", d, "benign") for d in pack.domains]
     results, baseline = {}, {}
     for mode in ["off", *[m for m in modes if m != "off"]]:
-        params = SteeringParams(mode=mode, blend_strength=strength, repel_strength=strength, tau_override=tau_override,
-                                scope=scope)
+        # SteeringParams parses mode and scope names (any case) into their enums.
+        params = SteeringParams(mode=cast(Mode, mode), blend_strength=strength, repel_strength=strength,
+                                tau_override=tau_override, scope=cast(GateScope, scope))
         for label, kind, domain, _ in groups:
             recs = world_prompts(kind, n_per_concept, seed + 40, "heldout")
             recs = [r for r in recs if r.label == 1] if kind != "benign" else recs

@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -183,7 +183,7 @@ def _domain_entry(domain: str, set_name: str, features: dict[str, tuple[dict, to
                             "fire_rate_hard_gate": rates}}
 
 
-def run_features(run: Path, domain: str, set_name: str, calib: dict[str, Sequence[PromptRecord]],
+def run_features(run: Path, domain: str, set_name: str, calib: Mapping[str, Sequence[PromptRecord]],
                  cfg: FeatureConfig, generator: Generator | None = None, negatives: Sequence[str] | None = None,
                  progress: bool = True) -> dict:
     """Source-domain features + tau. `calib` maps check names to prompt lists; the first is the benign

@@ -88,8 +88,8 @@ def score_position(r: PositionRows) -> dict[str, float]:
         ins.append(dprime(proj[y == 1], proj[y == 0]))
     per_step = [dprime(held_proj[(r.step == s) & (r.label == 1)], held_proj[(r.step == s) & (r.label == 0)])
                 for s in r.step.unique().tolist()]
-    per_step = torch.tensor([d for d in per_step if math.isfinite(d)], dtype=torch.float64)
-    t_cv = float(per_step.std() / per_step.abs().mean().clamp_min(1e-12)) if per_step.numel() > 1 else 0.0
+    finite = torch.tensor([d for d in per_step if math.isfinite(d)], dtype=torch.float64)
+    t_cv = float(finite.std() / finite.abs().mean().clamp_min(1e-12)) if finite.numel() > 1 else 0.0
 
     groups = r.group.unique().tolist()
     loso_auc, loso_d = [], []

@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +152,7 @@ def _train_loop(*, desc: str, params: list[torch.nn.Parameter], W_dec: torch.nn.
         loss, log = loss_fn(batch)
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        dist.all_reduce_mean_([p.grad for p in params])
+        dist.all_reduce_mean_([cast(Tensor, p.grad) for p in params])  # every parameter has a gradient here
         _project_decoder_grad_(W_dec)
         opt.step()
         with torch.no_grad():
