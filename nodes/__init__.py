@@ -16,13 +16,14 @@ if compat.API is not None:
     from .steer import Steer
 
     NODES += [LoadDictionary, Steer, Report]
+    register_bundled_folder = None
     try:  # the bundled model's nodes must not take the steering nodes down with them
-        from . import bundled_model
+        from . import bundled_io, bundled_model
     except Exception as exc:  # pragma: no cover - reported in ComfyUI's log
         logging.warning("SafeDIG: bundled-model nodes unavailable (%s: %s)", type(exc).__name__, exc)
-        bundled_model = None
     else:
-        NODES += bundled_model.NODES
+        NODES += bundled_model.NODES + bundled_io.NODES
+        register_bundled_folder = bundled_model.register_folder
 
     class SafeDIGExtension(compat.ComfyExtension):
         async def get_node_list(self) -> list:
@@ -30,6 +31,6 @@ if compat.API is not None:
 
     async def comfy_entrypoint() -> SafeDIGExtension:
         packs.register_folder()
-        if bundled_model is not None:
-            bundled_model.register_folder()
+        if register_bundled_folder is not None:
+            register_bundled_folder()
         return SafeDIGExtension()

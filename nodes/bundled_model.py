@@ -3,9 +3,8 @@
     SafeDIG Load Bundled Model      diffusers weights -> ComfyUI's comfy.ldm.flux.model.Flux (converted by
                                     comfy.model_detection.convert_diffusers_mmdit) in a model_base.Flux with
                                     a 12-channel pixel latent format and no timestep shift -> MODEL
-    SafeDIG Bundled Text Encode     MiniLM token states + pooled vector -> CONDITIONING
-    SafeDIG Bundled Empty Latent    zeros [B, 12, H/2, W/2] (pixels folded 2x2 space-to-depth) -> LATENT
-    SafeDIG Bundled Latent To Image LATENT -> IMAGE (exact inverse of the fold, no VAE)
+
+and its text encoder, empty latent and latent-to-image nodes in nodes/bundled_io.py.
 
 With KSampler (euler, simple scheduler) this is the same rectified-flow sampler as
 safedig_core.bundled.generator.sample: sigma = t, the model predicts v = noise - x0, cfg against the empty prompt.
@@ -74,43 +73,19 @@ def register_folder() -> list[str]:
     return list(paths)
 
 
-def is_generator(weights: Path) -> bool:
-    """True when the same-stem .json is a generator config (its "model" section, as the trainer writes it);
-    other checkpoints in the folder, e.g. the judge, have a config of another content."""
-    try:
-        generator.read_config(weights.with_suffix(".json"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
-
-
 def list_weights() -> list[str]:
     """Generator checkpoints: .safetensors files whose same-stem .json is a generator config."""
     register_folder()
     names = []
     for name in folder_paths.get_filename_list(FOLDER):
         full = folder_paths.get_full_path(FOLDER, name)
-        if full and name.endswith(".safetensors") and is_generator(Path(full)):
+        if full and name.endswith(".safetensors") and generator.is_generator(Path(full)):
             names.append(name)
     return sorted(names, key=lambda n: (n != SHIPPED, n))
 
 
 def resolve_weights(name: str) -> Path:
-    folders = register_folder()
-    fix = (f"train one with `python -m safedig_core train-bundled` or put <name>.safetensors + <name>.json in "
-           f"models/{FOLDER}/; the shipped model is {SHIPPED} in safedig_core/bundled/assets/")
-    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
-        raise SafeDIGError(f"bundled model name {name!r} must be a plain file name; searched: {folders}", fix)
-    for folder in folders:
-        full = Path(folder) / name
-        if full.is_file():
-            if not full.with_suffix(".json").is_file():
-                raise SafeDIGError(f"{full} has no config {full.with_suffix('.json').name} beside it", fix)
-            if not is_generator(full):
-                raise SafeDIGError(f"{full} is not a bundled generator: {full.with_suffix('.json').name} has no "
-                                   "generator \"model\" section (the judge checkpoint is not a MODEL)", fix)
-            return full
-    raise SafeDIGError(f"bundled model {name!r} not found; searched: {folders}", fix)
+    return generator.find_generator(name, register_folder(), FOLDER)
 
 
 def load_model(path: Path) -> comfy.model_patcher.ModelPatcher:
@@ -169,76 +144,4 @@ class LoadBundledModel(io.ComfyNode):
         return io.NodeOutput(load_model(resolve_weights(weights)))
 
 
-class BundledTextEncode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SafeDIGBundledTextEncode",
-            display_name="SafeDIG Bundled Text Encode",
-            category="SafeDIG/bundled model",
-            description="Encode a caption with the bundled model's sentence encoder (all-MiniLM-L6-v2): token "
-                        "states as context, the sentence embedding as pooled vector. Use \"\" as negative.",
-            inputs=[io.String.Input("text", multiline=True, default="")],
-            outputs=[io.Conditioning.Output()],
-        )
-
-    @classmethod
-    def execute(cls, text) -> io.NodeOutput:
-        from safedig_core.bundled.text_encoder import encode_prompts
-
-        tokens, pooled = encode_prompts([text])
-        return io.NodeOutput([[tokens, {"pooled_output": pooled}]])
-
-
-class BundledEmptyLatent(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        step = generator.SPACE_TO_DEPTH * generator.FLUX_PATCH
-        return io.Schema(
-            node_id="SafeDIGBundledEmptyLatent",
-            display_name="SafeDIG Bundled Empty Latent",
-            category="SafeDIG/bundled model",
-            description="An empty latent for the bundled model: 12 channels at half the image size.",
-            inputs=[
-                io.Int.Input("width", default=32, min=step, max=512, step=step),
-                io.Int.Input("height", default=32, min=step, max=512, step=step),
-                io.Int.Input("batch_size", default=1, min=1, max=4096),
-            ],
-            outputs=[io.Latent.Output()],
-        )
-
-    @classmethod
-    def execute(cls, width, height, batch_size) -> io.NodeOutput:
-        step = generator.SPACE_TO_DEPTH * generator.FLUX_PATCH
-        if width % step or height % step:
-            raise SafeDIGError(f"size {width}x{height} is not a multiple of {step}", f"use multiples of {step}")
-        latent = torch.zeros(batch_size, generator.LATENT_CHANNELS, height // generator.SPACE_TO_DEPTH,
-                             width // generator.SPACE_TO_DEPTH, device=comfy.model_management.intermediate_device())
-        return io.NodeOutput({"samples": latent})
-
-
-class BundledLatentToImage(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SafeDIGBundledLatentToImage",
-            display_name="SafeDIG Bundled Latent To Image",
-            category="SafeDIG/bundled model",
-            description="Unfold the bundled model's 12-channel latent into RGB pixels (exact, no VAE).",
-            inputs=[io.Latent.Input("samples")],
-            outputs=[io.Image.Output()],
-        )
-
-    @classmethod
-    def execute(cls, samples) -> io.NodeOutput:
-        latent = samples["samples"]
-        if latent.dim() != 4 or latent.shape[1] != generator.LATENT_CHANNELS:
-            raise SafeDIGError(f"latent has shape {list(latent.shape)}, the bundled model's has "
-                               f"{generator.LATENT_CHANNELS} channels", "connect a latent sampled with the "
-                               "bundled model (SafeDIG Bundled Empty Latent -> KSampler)")
-        pixels = generator.latent_to_pixels(latent.float().cpu())
-        image = ((pixels + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
-        return io.NodeOutput(image)
-
-
-NODES = [LoadBundledModel, BundledTextEncode, BundledEmptyLatent, BundledLatentToImage]
+NODES = [LoadBundledModel]

@@ -3,58 +3,35 @@
 The node never touches the incoming model: it returns `model.clone()` with two wrappers under the key
 "safedig" (clones share the weights and copy the wrapper lists, not the wrapper objects): OUTER_SAMPLE
 starts a new run (Report generation, image latch), APPLY_MODEL steers each model call through
-safedig_core.sampling.SamplingSteering. Values are checked by the core (steering_math.param_problems,
-parse_positions), once, with the node's input names. Disabled, mode Off or a zero strength return the
-input model itself: bitwise the unsteered output.
+safedig_core.sampling.SamplingSteering. Values are checked by the core (safedig_core.steer_inputs), by
+one function for validate_inputs and execute, with the node's input names. Disabled, mode Off or a zero
+strength return the input model itself: bitwise the unsteered output.
 """
 
 from __future__ import annotations
 
-import os
-
 import comfy.patcher_extension as pe
 
-from safedig_core import ARCHITECTURES, SteeringDictionary, SteeringParams, resolve
-from safedig_core.errors import PackError, SafeDIGError
+from safedig_core import SteeringParams, resolve
 from safedig_core.sampling import SamplingSteering
-from safedig_core.steering_math import MAX_STRENGTH, MAX_TAU_SCALE, param_problems, parse_positions
+from safedig_core.steer_inputs import (
+    APPLY_TO,
+    GATES,
+    MODES,
+    SCOPES,
+    dictionary_for_run,
+    first_problem,
+    node_params,
+    require_dictionary,
+)
+from safedig_core.steer_inputs import pack_name as pack_file_name
+from safedig_core.steering_math import MAX_STRENGTH, MAX_TAU_SCALE
 
 from . import compat
 from .compat import io
 from .types import SafeDIGDict
 
 WRAPPER_KEY = "safedig"
-MODES = ["Off", "Blend", "Repel", "Both"]
-GATES = ["hard", "soft"]
-SCOPES = ["token", "image"]
-APPLY_TO = ["cond", "uncond", "both"]
-# SteeringParams field -> the node input a user sees (messages never name internal fields).
-INPUT_NAMES = {"tau_override": "threshold", "tau_scale": "threshold_scale", "start": "start_percent",
-               "end": "end_percent", "scope": "gate_scope"}
-ID_PATTERNS = [a.id_pattern for a in ARCHITECTURES.values()]
-
-
-def node_params(mode, blend_strength, repel_strength, gate, override_threshold, threshold, apply_to, start_percent,
-                end_percent, threshold_scale, gate_scope) -> dict:
-    """SteeringParams fields from node values; None (a linked input, unknown at validation) is left out."""
-    values = dict(mode=mode, blend_strength=blend_strength, repel_strength=repel_strength, gate=gate,
-                  tau_override=threshold if override_threshold else None, tau_scale=threshold_scale,
-                  scope=gate_scope, apply_to=apply_to, start=start_percent, end=end_percent)
-    return {k: v for k, v in values.items() if v is not None or k == "tau_override"}
-
-
-def first_problem(choices: dict, values: dict, positions) -> SafeDIGError | None:
-    """The first problem with the node's values (each reported once, with its fix), or None. `choices` are
-    the combo values by input name (None: linked); `values` come from node_params."""
-    options = {"mode": MODES, "gate": GATES, "apply_to": APPLY_TO, "gate_scope": SCOPES}
-    problems = [SafeDIGError(f"{name} {value!r} is not one of {options[name]}", f"pick one of {options[name]}")
-                for name, value in choices.items() if value is not None and value not in options[name]]
-    problems += param_problems(values, INPUT_NAMES)
-    try:
-        parse_positions(positions, ID_PATTERNS)
-    except SafeDIGError as exc:
-        problems.append(exc)
-    return problems[0] if problems else None
 
 
 class SteerPatch(SamplingSteering):
@@ -157,23 +134,13 @@ class Steer(io.ComfyNode):
                                 positions)
         if problem is not None:
             raise problem
-        if not isinstance(dictionary, SteeringDictionary):
-            raise SafeDIGError(f"the dictionary input is a {type(dictionary).__name__}, not a SafeDIG dictionary",
-                               "connect a SafeDIG Load Dictionary node")
+        require_dictionary(dictionary)
         params = SteeringParams(**values)
         if not enabled or params.is_identity:
             return io.NodeOutput(model)  # not even a clone: bitwise the unsteered graph
-        subset = parse_positions(positions, ID_PATTERNS)
-        if subset is not None:
-            dictionary = SteeringDictionary(dictionary.pack, dictionary.domain, subset)
-        model_positions = resolve(model)  # ArchitectureError for a model SafeDIG cannot steer
-        pack_name = os.path.basename(dictionary.pack.path)
-        try:
-            dictionary.pack.check_compatible(model_positions, dictionary.positions)
-        except PackError as exc:
-            raise PackError(exc.problem + f" (pack {pack_name})", exc.fix, path=exc.path) from None
-        patch = SteerPatch(dictionary, params, f"pack {pack_name}, domain {dictionary.domain}; {params.describe()}",
-                           host=compat.host_label())
+        dictionary = dictionary_for_run(dictionary, positions, resolve(model))  # resolve: ArchitectureError
+        label = f"pack {pack_file_name(dictionary)}, domain {dictionary.domain}; {params.describe()}"
+        patch = SteerPatch(dictionary, params, label, host=compat.host_label())
         out = model.clone()
         out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample)
         out.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, patch)

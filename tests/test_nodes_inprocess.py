@@ -354,7 +354,7 @@ def test_bundled_model_in_comfyuis_sampler_is_the_reference_sampler(nodes, tmp_p
     assert torch.equal(comfy_sample(patcher), got) and safedig_hooks(patcher.model) == []
     rec = nodes.steer.steer_patches(steered_model)[0].recorder
     assert rec.grid == (cfg.latent_size // 2, cfg.latent_size // 2) and rec.n_steps == 4
-    image = nodes.bundled_model.BundledLatentToImage.execute({"samples": got}).result[0]
+    image = nodes.bundled_io.BundledLatentToImage.execute({"samples": got}).result[0]
     assert image.shape == (1, cfg.image_size, cfg.image_size, 3) and image.min() >= 0 and image.max() <= 1
     back = generator.pixels_to_latent(image.permute(0, 3, 1, 2) * 2 - 1)  # exact inverse, up to the [0, 1] clamp
     assert torch.allclose(back, got.clamp(-1, 1), atol=1e-6)
@@ -381,9 +381,9 @@ def test_shipped_bundled_model_with_the_text_encode_node_is_the_reference(nodes)
     expected = generator.sample(ref, *encode_prompts([text]), noise, steps=8, guidance=3.0,
                               uncond=encode_prompts([""]))
     patcher = nodes.bundled_model.LoadBundledModel.execute(weights=nodes.bundled_model.SHIPPED).result[0]
-    pos = nodes.bundled_model.BundledTextEncode.execute(text=text).result[0]
-    neg = nodes.bundled_model.BundledTextEncode.execute(text="").result[0]
-    latent = nodes.bundled_model.BundledEmptyLatent.execute(width=cfg.image_size, height=cfg.image_size,
+    pos = nodes.bundled_io.BundledTextEncode.execute(text=text).result[0]
+    neg = nodes.bundled_io.BundledTextEncode.execute(text="").result[0]
+    latent = nodes.bundled_io.BundledEmptyLatent.execute(width=cfg.image_size, height=cfg.image_size,
                                                       batch_size=1).result[0]["samples"]
     got = comfy.sample.sample(patcher, noise.clone(), 8, 3.0, "euler", "simple", pos, neg, latent, seed=11)
     assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()

@@ -140,7 +140,7 @@ def build_model(cfg: BundledConfig, seed: int = 0):
 
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(**cfg.diffusers_kwargs())
-    model.bundled_config = cfg  # image size etc. for sampling; not part of the diffusers config
+    model.bundled_config = cfg  # type: ignore[attr-defined] # image size etc. for sampling; not part of the diffusers config
     return model
 
 
@@ -178,6 +178,36 @@ def read_config(path: str | os.PathLike = GENERATOR_CONFIG) -> BundledConfig:
 # ---------------------------------------------------------------- sampling
 
 Encoder = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def is_generator(weights: Path) -> bool:
+    """True when the same-stem .json is a generator config (its "model" section, as the trainer writes it);
+    other checkpoints in a folder, e.g. the judge, have a config of another content."""
+    try:
+        read_config(weights.with_suffix(".json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def find_generator(name: object, folders: Sequence[str | os.PathLike], folder_label: str) -> Path:
+    """The generator checkpoint `name` (a plain file name) in the first of `folders` that has it; errors say
+    what was searched and how to get one (`folder_label`: the models/ subfolder users put theirs in)."""
+    fix = (f"train one with `python -m safedig_core train-bundled` or put <name>.safetensors + <name>.json in "
+           f"models/{folder_label}/; the shipped model is {GENERATOR_WEIGHTS.name} in safedig_core/bundled/assets/")
+    searched = [str(f) for f in folders]
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise SafeDIGError(f"bundled model name {name!r} must be a plain file name; searched: {searched}", fix)
+    for folder in folders:
+        full = Path(folder) / name
+        if full.is_file():
+            if not full.with_suffix(".json").is_file():
+                raise SafeDIGError(f"{full} has no config {full.with_suffix('.json').name} beside it", fix)
+            if not is_generator(full):
+                raise SafeDIGError(f"{full} is not a bundled generator: {full.with_suffix('.json').name} has no "
+                                   "generator \"model\" section (the judge checkpoint is not a MODEL)", fix)
+            return full
+    raise SafeDIGError(f"bundled model {name!r} not found; searched: {searched}", fix)
 
 
 def _default_encoder() -> Encoder:
