@@ -34,7 +34,7 @@ from . import compat
 from .compat import io
 
 FOLDER = "safedig_bundled"
-SHIPPED = "bundled_flux.safetensors"
+SHIPPED = generator.GENERATOR_WEIGHTS.name
 
 
 class BundledLatentFormat(comfy.latent_formats.LatentFormat):

@@ -22,9 +22,9 @@ from safedig_core.steer_inputs import (
     dictionary_for_run,
     first_problem,
     node_params,
+    pack_name,
     require_dictionary,
 )
-from safedig_core.steer_inputs import pack_name as pack_file_name
 from safedig_core.steering_math import MAX_STRENGTH, MAX_TAU_SCALE
 
 from . import compat
@@ -134,12 +134,12 @@ class Steer(io.ComfyNode):
                                 positions)
         if problem is not None:
             raise problem
-        require_dictionary(dictionary)
+        dictionary = require_dictionary(dictionary)
         params = SteeringParams(**values)
         if not enabled or params.is_identity:
             return io.NodeOutput(model)  # not even a clone: bitwise the unsteered graph
         dictionary = dictionary_for_run(dictionary, positions, resolve(model))  # resolve: ArchitectureError
-        label = f"pack {pack_file_name(dictionary)}, domain {dictionary.domain}; {params.describe()}"
+        label = f"pack {pack_name(dictionary)}, domain {dictionary.domain}; {params.describe()}"
         patch = SteerPatch(dictionary, params, label, host=compat.host_label())
         out = model.clone()
         out.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample)

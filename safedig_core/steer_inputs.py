@@ -54,10 +54,10 @@ def require_dictionary(dictionary: Any) -> SteeringDictionary:
     return dictionary
 
 
-def dictionary_for_run(dictionary: Any, positions: Any, model_positions: ModelPositions) -> SteeringDictionary:
-    """The dictionary a Steer run uses: the input, cut to the listed positions, and checked against the
-    model's positions; errors name the pack file."""
-    dictionary = require_dictionary(dictionary)
+def dictionary_for_run(dictionary: SteeringDictionary, positions: Any,
+                       model_positions: ModelPositions) -> SteeringDictionary:
+    """The dictionary a Steer run uses (the input, as require_dictionary returned it), cut to the listed
+    positions and checked against the model's positions; errors name the pack file."""
     subset = parse_positions(positions, ID_PATTERNS)
     if subset is not None:
         dictionary = SteeringDictionary(dictionary.pack, dictionary.domain, subset)
