@@ -11,11 +11,12 @@ NODES: list = []
 
 if compat.API is not None:
     from . import packs
+    from .build import NODES as BUILD_NODES
     from .dictionary import LoadDictionary
     from .report import Report
     from .steer import Steer
 
-    NODES += [LoadDictionary, Steer, Report]
+    NODES += [LoadDictionary, Steer, Report, *BUILD_NODES]
     register_bundled_folder = None
     try:  # the bundled model's nodes must not take the steering nodes down with them
         from . import bundled_io, bundled_model
@@ -31,6 +32,7 @@ if compat.API is not None:
 
     async def comfy_entrypoint() -> SafeDIGExtension:
         packs.register_folder()
+        packs.register_prompt_folder()
         if register_bundled_folder is not None:
             register_bundled_folder()
         return SafeDIGExtension()

@@ -1,6 +1,7 @@
 """The bundled model's conditioning and latent nodes (the model itself: nodes/bundled_model.py).
 
     SafeDIG Bundled Text Encode     MiniLM token states + pooled vector -> CONDITIONING
+    SafeDIG Load Bundled Text Encoder  the same encoder as a CLIP (for CLIPTextEncode and Build Dictionary)
     SafeDIG Bundled Empty Latent    zeros [B, 12, H/2, W/2] (pixels folded 2x2 space-to-depth) -> LATENT
     SafeDIG Bundled Latent To Image LATENT -> IMAGE (exact inverse of the fold, no VAE)
 """
@@ -35,6 +36,46 @@ class BundledTextEncode(io.ComfyNode):
 
         tokens, pooled = encode_prompts([text])
         return io.NodeOutput([[tokens, {"pooled_output": pooled}]])
+
+
+class BundledClip:
+    """The bundled sentence encoder behind the part of ComfyUI's CLIP interface that text encoding uses
+    (tokenize, encode_from_tokens_scheduled, encode_from_tokens), so CLIPTextEncode and SafeDIG Build
+    Dictionary take it like a checkpoint's text encoder."""
+
+    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        return {"text": str(text)}
+
+    def encode_from_tokens(self, tokens: dict, return_pooled: bool = False, return_dict: bool = False):
+        from safedig_core.bundled.text_encoder import encode_prompts
+
+        cond, pooled = encode_prompts([tokens["text"]])
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens: dict, unprojected: bool = False, add_dict=None,
+                                     show_pbar: bool = True) -> list:
+        cond, pooled = self.encode_from_tokens(tokens, return_pooled=True)
+        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
+
+
+class LoadBundledTextEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SafeDIGLoadBundledTextEncoder",
+            display_name="SafeDIG Load Bundled Text Encoder",
+            category="SafeDIG/bundled model",
+            description="The bundled model's sentence encoder as a CLIP: connect it to CLIPTextEncode or to "
+                        "SafeDIG Build / Adapt Dictionary.",
+            inputs=[],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(BundledClip())
 
 
 class BundledEmptyLatent(io.ComfyNode):
@@ -88,4 +129,4 @@ class BundledLatentToImage(io.ComfyNode):
         return io.NodeOutput(image)
 
 
-NODES = [BundledTextEncode, BundledEmptyLatent, BundledLatentToImage]
+NODES = [BundledTextEncode, LoadBundledTextEncoder, BundledEmptyLatent, BundledLatentToImage]

@@ -43,6 +43,7 @@ class BundledLatentFormat(comfy.latent_formats.LatentFormat):
     latent_channels = generator.LATENT_CHANNELS
     latent_dimensions = 2
     scale_factor = 1.0
+    spacial_downscale_ratio = generator.SPACE_TO_DEPTH  # ComfyUI's name; pixels per latent cell
 
 
 class BundledFluxConfig(comfy.supported_models_base.BASE):

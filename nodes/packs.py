@@ -126,3 +126,37 @@ def file_fingerprint(name: str) -> str:
         return f"{path}:{st.st_mtime_ns}:{st.st_size}"
     except (PackError, OSError):
         return f"missing:{name}"
+
+
+# ------------------------------------------------------------------------------------------ prompt sets
+
+PROMPTS_FOLDER = "safedig_prompts"
+PROMPT_SUFFIX = ".jsonl"
+SHIPPED_PROMPTS = SHIPPED_DIR / "prompts"
+
+
+def register_prompt_folder() -> list[str]:
+    """models/safedig/prompts/ (the user's own sets) first, then the prompt sets shipped in dictionaries/prompts/."""
+    default = os.path.join(folder_paths.models_dir, FOLDER, "prompts")
+    entry = folder_paths.folder_names_and_paths.get(PROMPTS_FOLDER)
+    paths = entry[0] if entry else []
+    for path in (default, str(SHIPPED_PROMPTS)):
+        if path not in paths:
+            paths.append(path)
+    folder_paths.folder_names_and_paths[PROMPTS_FOLDER] = (paths, {PROMPT_SUFFIX})
+    return list(paths)
+
+
+def list_prompt_sets() -> list[str]:
+    register_prompt_folder()
+    return sorted(n for n in folder_paths.get_filename_list(PROMPTS_FOLDER) if n.endswith(PROMPT_SUFFIX))
+
+
+def resolve_prompt_set(name: str) -> str:
+    folders = register_prompt_folder()
+    path = folder_paths.get_full_path(PROMPTS_FOLDER, name) if isinstance(name, str) and name else None
+    if path is None or ".." in PurePosixPath(str(name).replace("\\", "/")).parts:
+        raise PackError(f"prompt set {name!r} not found; searched: {folders}",
+                        f"put a {PROMPT_SUFFIX} file (JSON lines, docs/training.md) in models/safedig/prompts/ and "
+                        "refresh, or paste the prompts into the node")
+    return path

@@ -256,6 +256,37 @@ def save_pack(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Map
     return path
 
 
+def with_domain(pack: DictionaryPack, domain: str, entry: DomainEntry,
+                decoders: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                position_metrics: Mapping[str, Mapping[str, float]], out: str | os.PathLike,
+                adaptation: Mapping[str, Any]) -> Path:
+    """A copy of `pack` with one more (adapted) domain: its decoder per position, its features, metrics added
+    to each position's and the adaptation appended to provenance["adaptations"]. Written by save_pack."""
+    meta = pack.metadata
+    positions = {}
+    for p in pack.positions:
+        info = pack.position_info(p)
+        positions[p] = PositionInfo(info.d_model, info.d_sae, info.k, info.scale, info.harmful_ids,
+                                    {**info.metrics, **position_metrics.get(p, {})})
+    domains = {}
+    for name, d in meta[K_DOMAINS].items():
+        feats = {p: pack.domain_features(name, p) for p in d[K_FEATURES]}
+        extra = {k: v for k, v in d.items() if k not in (K_ROLE, K_FEATURES, K_ADAPTED_FROM)}
+        domains[name] = DomainEntry(feats, d.get(K_ADAPTED_FROM), extra)
+    domains[domain] = entry
+    provenance = dict(meta[K_PROVENANCE])
+    provenance["adaptations"] = [*provenance.get("adaptations", []), dict(adaptation)]
+    new_meta = build_metadata(architecture=pack.architecture, d_model=pack.d_model, positions=positions,
+                              source_domain=pack.source_domain, domains=domains, sae=meta[K_SAE],
+                              routing=meta[K_ROUTING], provenance=provenance)
+    tensors = dict(pack.tensors)
+    dtype = tensors[decoder_key(pack.source_domain, pack.positions[0], "W_dec")].dtype
+    for p, (w, b) in decoders.items():
+        tensors[decoder_key(domain, p, "W_dec")] = w.to(dtype)
+        tensors[decoder_key(domain, p, "b_dec")] = b.to(dtype)
+    return save_pack(out, new_meta, tensors)
+
+
 def _dtype_name(dtype: torch.dtype, path) -> str:
     for name, dt in STORAGE_DTYPES.items():
         if dt == dtype:

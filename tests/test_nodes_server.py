@@ -158,8 +158,10 @@ def _documented_inputs() -> dict[str, dict[str, tuple[str, str]]]:
 
 def test_object_info_matches_the_documented_inputs(comfyui):
     documented = _documented_inputs()
-    assert {"SafeDIGLoadDictionary", "SafeDIGSteer", "SafeDIGReport", "SafeDIGLoadBundledModel",
-            "SafeDIGBundledTextEncode", "SafeDIGBundledEmptyLatent", "SafeDIGBundledLatentToImage"} == set(documented)
+    assert {"SafeDIGLoadDictionary", "SafeDIGSteer", "SafeDIGReport", "SafeDIGBuildDictionary",
+            "SafeDIGAdaptDictionary", "SafeDIGLoadBundledModel", "SafeDIGBundledTextEncode",
+            "SafeDIGLoadBundledTextEncoder", "SafeDIGBundledEmptyLatent",
+            "SafeDIGBundledLatentToImage"} == set(documented)
     info = comfyui.object_info()
     assert {n for n in info if n.startswith("SafeDIG")} == set(documented)
     for node_id, inputs in documented.items():

@@ -70,25 +70,33 @@ def world_prompts(kind: str, n_per_concept: int, seed: int = 0, split: str = "tr
 
 def read_prompt_file(path: str | os.PathLike, seed: int = 0) -> list[PromptRecord]:
     """JSON lines: {"text", "label": "unsafe"|"safe"|"benign"|1|0, "pair"?, "subdomain"?, "seed"?}."""
-    records = []
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise SafeDIGError(f"cannot read prompt file ({exc.strerror})", "pass a JSON-lines file", path=path) from None
-    for n, line in enumerate(lines, 1):
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SafeDIGError(f"cannot read prompt file ({getattr(exc, 'strerror', None) or exc})",
+                           "pass a UTF-8 JSON-lines file", path=path) from None
+    return parse_prompt_lines(text, seed, path)
+
+
+def parse_prompt_lines(text: str, seed: int = 0, path: str | os.PathLike | None = None) -> list[PromptRecord]:
+    """The JSON-lines prompt format (read_prompt_file) from a string, e.g. pasted into a node."""
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
             label = {"unsafe": 1, "safe": 0, "benign": 0}.get(r["label"], r["label"])
+            if label not in (0, 1):
+                raise ValueError(f"label {r['label']!r}")
             pair = int(r.get("pair", -1))
             records.append(PromptRecord(str(r["text"]), int(label), int(r.get("seed", seed * 1_000_003 + max(pair, n))),
                                         pair, str(r.get("subdomain", "")), str(r.get("concept", ""))))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SafeDIGError(f"line {n} is not a prompt record ({exc!r})",
                                'write {"text": ..., "label": "unsafe"|"safe"|"benign", "pair": N}', path=path) from None
     if not records:
-        raise SafeDIGError("prompt file is empty", "add one JSON object per line", path=path)
+        raise SafeDIGError("the prompt set is empty", "add one JSON object per line", path=path)
     return records
 
 
@@ -181,6 +189,8 @@ def _collect_shard(generator: Generator, prompts: Sequence[PromptRecord], indice
         if state["step"] not in wanted or not isinstance(out, torch.Tensor):
             return
         x = out[generator.cond_rows(out.shape[0])].detach().float()
+        if x.shape[0] == 0:  # a call of the unconditional prompt alone (ComfyUI may split cond and uncond)
+            return
         means[position].append(x.mean(1).cpu())
         if max_tokens and x.shape[1] > max_tokens:
             x = x[:, torch.linspace(0, x.shape[1] - 1, max_tokens).round().long()]
@@ -192,6 +202,7 @@ def _collect_shard(generator: Generator, prompts: Sequence[PromptRecord], indice
             row_prompt.extend(state["batch"])
             row_step.extend([step] * len(state["batch"]))
 
+    batch_size = min(batch_size, generator.max_batch or batch_size)
     with ActivationCapture(generator.model, positions, on_activation=on_activation):
         for b in range(0, len(indices), batch_size):
             batch = indices[b:b + batch_size]

@@ -257,9 +257,12 @@ def record_harmful(generator: Generator, prompts: Sequence[PromptRecord], saes: 
 
     def on_activation(position: str, x) -> None:
         x = x[generator.cond_rows(x.shape[0])].float()
+        if x.shape[0] == 0:  # a call of the unconditional prompt alone (ComfyUI may split cond and uncond)
+            return
         z_h = harmful_activations(saes[position], x.reshape(-1, x.shape[-1]), harmful[position])
         current[position].append(z_h.view(*x.shape[:2], -1).half())
 
+    batch_size = min(batch_size, generator.max_batch or batch_size)
     bar = tqdm(total=len(prompts), desc=desc, unit="gen", disable=not progress, dynamic_ncols=True)
     with ActivationCapture(generator.model, list(saes), on_activation=on_activation):
         for b in range(0, len(prompts), batch_size):

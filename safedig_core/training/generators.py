@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,12 +29,24 @@ class Generator:
     model: object
     steps: int
     spec: dict
+    max_batch: int | None = None  # prompts per run() call this generator accepts (None: any)
+    calls_per_step: int = 1       # DiT calls per sampling step (2 when CFG runs cond and uncond apart)
 
     def run(self, texts: Sequence[str], seeds: Sequence[int], on_step: StepCallback) -> torch.Tensor:
         raise NotImplementedError
 
     def cond_rows(self, batch: int) -> slice:
         return slice(None)
+
+    def token_counts(self) -> tuple[int, int]:
+        """(image tokens, text tokens) of one generation: what the build plan sizes storage by."""
+        raise NotImplementedError(f"{type(self).__name__} does not report its token counts")
+
+    def time_generation(self) -> float:
+        """Seconds one generation takes here, measured on one sample (the build plan's time estimate)."""
+        t0 = time.perf_counter()
+        self.run(["a photo"], [0], lambda _i: None)
+        return time.perf_counter() - t0
 
 
 class BundledGenerator(Generator):

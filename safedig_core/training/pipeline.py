@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -127,12 +127,13 @@ def routed_positions(run: Path) -> list[str]:
     return [c["position"] for c in sorted((c for c in table if c["selected"]), key=lambda c: c["rank"])]
 
 
-def run_train(run: Path, sets: Sequence[str], cfg: SAEConfig, progress: bool = True) -> dict[str, dict]:
+def run_train(run: Path, sets: Sequence[str], cfg: SAEConfig, progress: bool = True,
+              on_step: Callable[[int], None] | None = None) -> dict[str, dict]:
     t0 = time.time()
     asets = [open_set(run, s) for s in sets]
     metrics = {}
     for pos in routed_positions(run):
-        _, m = train_sae(asets, pos, cfg, Path(run) / "sae" / pos, progress=progress)
+        _, m = train_sae(asets, pos, cfg, Path(run) / "sae" / pos, progress=progress, on_step=on_step)
         metrics[pos] = m
     _log_time(run, "train", time.time() - t0)
     return metrics
