@@ -145,29 +145,43 @@ def position_tokens(position: str, image_tokens: int, text_tokens: int) -> int:
 
 def estimate(generator: Generator, settings: BuildSettings, n_collect: int, n_calibrate: int,
              seconds_per_generation: float | None = None) -> BuildPlan:
-    """Storage, peak memory and time of a build from the model's width, its token counts and the settings.
-    The sampling time is measured on the model (`generator.time_generation()`) unless given."""
+    """The plan of a build on this generator's model: its width, token counts and positions, and a
+    sampling time measured on it (`generator.time_generation()`) unless given."""
     positions = resolve_positions(generator, settings.positions)
     mp = ActivationCapture(generator.model).model_positions
-    img, txt = generator.token_counts()
-    steps = min(settings.capture_steps, generator.steps)
-    kept = {p: min(position_tokens(p, img, txt), settings.max_tokens or 10**9) for p in positions}
-    row_bytes = sum(kept.values()) * mp.d_model * 2 + len(positions) * mp.d_model * 4
-    disk = n_collect * steps * row_bytes
-    shard_ram = min(settings.shard_size, n_collect) * steps * row_bytes * 3  # float32 copy while writing
-    d_sae = settings.expansion * mp.d_model
-    train_tokens = n_collect * steps * max(kept.values())
-    buffer = min(BUFFER_TOKENS, train_tokens) * mp.d_model * 4 * 2
-    sae_ram = d_sae * mp.d_model * 4 * 2 * 4  # encoder + decoder, their gradients and Adam's two moments
-    ram = max(shard_ram, buffer + sae_ram)
+    image_tokens, text_tokens = generator.token_counts()
     per_gen = generator.time_generation() if seconds_per_generation is None else seconds_per_generation
+    return plan_costs(d_model=mp.d_model, positions=positions, image_tokens=image_tokens, text_tokens=text_tokens,
+                      steps=generator.steps, calls_per_step=generator.calls_per_step, settings=settings,
+                      n_collect=n_collect, n_calibrate=n_calibrate, seconds_per_generation=per_gen,
+                      train_flops_per_second=matmul_flops_per_second())
+
+
+def plan_costs(*, d_model: int, positions: Sequence[str], image_tokens: int, text_tokens: int, steps: int,
+               calls_per_step: int, settings: BuildSettings, n_collect: int, n_calibrate: int,
+               seconds_per_generation: float, train_flops_per_second: float) -> BuildPlan:
+    """Storage, peak memory and time of a build, from figures alone (so docs can plan for models not at
+    hand: `python -m safedig_core plan flux-dev`). Storage: float16 tokens kept per row and position plus a
+    float32 mean; memory: the larger of one shard being written and SAE training (shuffle buffer, weights,
+    gradients, Adam); time: sampling plus 6 x 2 x d_sae x d_model flops per training token and epoch."""
+    captured = min(settings.capture_steps, steps)
+    kept = {p: min(position_tokens(p, image_tokens, text_tokens), settings.max_tokens or 10**9) for p in positions}
+    row_bytes = sum(kept.values()) * d_model * 2 + len(positions) * d_model * 4
+    disk = n_collect * captured * row_bytes
+    shard_ram = min(settings.shard_size, n_collect) * captured * row_bytes * 3  # + a float32 copy while writing
+    d_sae = settings.expansion * d_model
+    train_tokens = n_collect * captured * max(kept.values())
+    buffer = min(BUFFER_TOKENS, train_tokens) * d_model * 4 * 2
+    sae_ram = d_sae * d_model * 4 * 2 * 4  # encoder + decoder, their gradients and Adam's two moments
+    routed = min(settings.routed, len(positions))
+    train_s = 6 * 2 * d_sae * d_model * train_tokens * settings.epochs * routed / train_flops_per_second
     generations = n_collect + n_calibrate
-    flops = 6 * 2 * d_sae * mp.d_model * train_tokens * settings.epochs * min(settings.routed, len(positions))
-    train_s = flops / matmul_flops_per_second()
-    return BuildPlan(generations, int(disk), int(ram), per_gen * generations + train_s, {
-        "steps": generator.steps, "calls_per_step": generator.calls_per_step, "positions": len(positions),
-        "tokens_per_row": max(kept.values()), "d_model": mp.d_model, "seconds_per_generation": per_gen,
-        "sampling_seconds": per_gen * generations, "train_seconds": train_s})
+    return BuildPlan(generations, int(disk), int(max(shard_ram, buffer + sae_ram)),
+                     seconds_per_generation * generations + train_s, {
+                         "steps": steps, "calls_per_step": calls_per_step, "positions": len(positions),
+                         "tokens_per_row": max(kept.values()), "d_model": d_model,
+                         "seconds_per_generation": seconds_per_generation,
+                         "sampling_seconds": seconds_per_generation * generations, "train_seconds": train_s})
 
 
 def matmul_flops_per_second(size: int = 512, repeats: int = 8) -> float:

@@ -8,6 +8,7 @@
     export      one pack file with full provenance (`inspect` shows it)
     build-pack  all of the above for the bundled model (the shipped pack)
     steer-check a quick judge-scored look at what a pack does to unsafe and benign generations
+    plan        what a Build Dictionary run on FLUX.1 Dev / SD3.5 Large needs (storage, memory, time), computed
 
 Under `torchrun` / `accelerate launch`, collect and train split the work over the processes.
 """
@@ -86,6 +87,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     _add_stages(sub)
     _add_build_pack(sub)
     _add_steer_check(sub)
+    _add_plan(sub)
 
 
 def _add_stages(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +179,56 @@ def _add_steer_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", default=None, help="judge .safetensors (default: the shipped one)")
     p.add_argument("--json", dest="json_out", default=None)
     p.set_defaults(func=_steer_check)
+
+
+# Published DiTs for `plan`: transformer parameters and the text tokens ComfyUI gives them (FLUX.1: T5 padded
+# to 256; SD3.5: CLIP 77 + T5 77), and the classifier-free-guidance calls per step of their usual settings.
+PLAN_MODELS: dict[str, dict[str, int]] = {
+    "flux-dev": {"params": 11_900_000_000, "text_tokens": 256, "calls_per_step": 1, "steps": 20},
+    "sd35-large": {"params": 8_100_000_000, "text_tokens": 154, "calls_per_step": 2, "steps": 28}}
+
+
+def _add_plan(p_sub: argparse._SubParsersAction) -> None:
+    p = p_sub.add_parser("plan", help="storage, memory and time of a Build Dictionary run on a published model")
+    p.add_argument("model", choices=sorted(PLAN_MODELS))
+    p.add_argument("--pairs", type=int, default=144, help="prompts in the pair set (unsafe + safe)")
+    p.add_argument("--benign", type=int, default=185, help="benign prompts")
+    p.add_argument("--size", type=int, default=1024, help="image width = height")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--capture-steps", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--positions", type=int, default=0, help="candidate positions (0: all)")
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--routed", type=int, default=3)
+    p.add_argument("--tflops", type=float, default=80.0,
+                   help="sustained GPU throughput for sampling (80: a 24 GB RTX 4090-class card in bf16/fp8)")
+    p.add_argument("--cpu-gflops", type=float, default=0.0, help="CPU rate for SAE training (0: measure here)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    from ..positions import REFERENCE_MODELS, reference_ids
+    from .build import BuildSettings, matmul_flops_per_second, plan_costs
+
+    m = PLAN_MODELS[args.model]
+    arch, d_model, blocks, single = REFERENCE_MODELS[args.model]
+    ids = reference_ids(arch, blocks, single)
+    ids = ids[:args.positions] if args.positions else ids
+    steps = args.steps or m["steps"]
+    image_tokens = (args.size // 16) ** 2
+    tokens = image_tokens + m["text_tokens"]
+    layers = blocks + single
+    call_flops = 2 * m["params"] * tokens + 4 * layers * tokens**2 * d_model
+    per_gen = steps * m["calls_per_step"] * call_flops / (args.tflops * 1e12)
+    settings = BuildSettings(capture_steps=args.capture_steps, routed=args.routed, expansion=args.expansion,
+                             max_tokens=args.max_tokens)
+    plan = plan_costs(d_model=d_model, positions=ids, image_tokens=image_tokens, text_tokens=m["text_tokens"],
+                      steps=steps, calls_per_step=m["calls_per_step"], settings=settings,
+                      n_collect=args.pairs + args.benign, n_calibrate=args.benign + args.pairs // 20,
+                      seconds_per_generation=per_gen,
+                      train_flops_per_second=args.cpu_gflops * 1e9 or matmul_flops_per_second())
+    print("\n".join(plan.lines()))
+    return 0
 
 
 def _feature_args(p: argparse.ArgumentParser) -> None:

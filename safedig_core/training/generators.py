@@ -84,6 +84,12 @@ class BundledGenerator(Generator):
     def cond_rows(self, batch: int) -> slice:
         return slice(0, batch // 2) if self.guidance != 1.0 else slice(None)
 
+    def token_counts(self) -> tuple[int, int]:
+        from ..bundled.generator import FLUX_PATCH, BundledConfig, initial_noise
+
+        noise = initial_noise([0], getattr(self.model, "bundled_config", None) or BundledConfig())
+        return noise.shape[-1] * noise.shape[-2] // FLUX_PATCH**2, int(self.encode(["a photo"])[0].shape[1])
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     import hashlib

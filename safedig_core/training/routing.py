@@ -160,7 +160,8 @@ def route(rows: dict[str, PositionRows], r: int = 3) -> list[dict]:
     for c in table:
         for k, v in c.items():
             if isinstance(v, float):
-                c[k] = round(v, 4) if math.isfinite(v) else None
+                # "n/a" where a figure has too few rows (a fold with one pair): packs store only finite numbers
+                c[k] = round(v, 4) if math.isfinite(v) else "n/a"
     return select(table, min(r, len(table)))
 
 
