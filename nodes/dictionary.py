@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from safedig_core import SteeringDictionary, load_pack
+from safedig_core import ALL_DOMAINS, SteeringDictionary, load_pack
 from safedig_core.errors import SafeDIGError
 from safedig_core.pack_info import format_pack
 
@@ -19,14 +19,16 @@ class LoadDictionary(io.ComfyNode):
             display_name="SafeDIG Load Dictionary",
             category="SafeDIG",
             description="Load a SafeDIG dictionary pack (models/safedig/ or the shipped dictionaries/) and pick "
-                        "the risk domain whose decoders steer: the source domain or an adapted target domain.",
+                        "the risk domains that steer: all of them (default), the source domain or one adapted "
+                        "target domain.",
             inputs=[
                 io.Combo.Input("pack", options=packs.list_packs(),
                                tooltip="A .safetensors pack from models/safedig/ (or extra_model_paths.yaml "
                                        "`safedig:` folders) or the packs shipped with SafeDIG."),
-                io.Combo.Input("domain", options=packs.all_domains(), default=packs.SOURCE_DOMAIN,
-                               tooltip="(source): the pack's source risk domain; otherwise a domain the pack "
-                                       "was adapted to. Must exist in the selected pack."),
+                io.Combo.Input("domain", options=packs.all_domains(), default=ALL_DOMAINS,
+                               tooltip="(all domains): every risk domain of the pack at once, each token "
+                                       "steered by the domain whose gate opens widest. (source): the pack's "
+                                       "source domain only; otherwise one domain the pack was adapted to."),
             ],
             outputs=[
                 SafeDIGDict.Output(display_name="dictionary"),
@@ -42,9 +44,9 @@ class LoadDictionary(io.ComfyNode):
             info = packs.pack_summary(packs.resolve_pack(pack))
         except SafeDIGError as exc:
             return str(exc)
-        if domain is not None and domain != packs.SOURCE_DOMAIN and domain not in info.domains:
-            return (f"pack {pack!r} has no domain {domain!r}. Fix: choose {packs.SOURCE_DOMAIN} or one of "
-                    f"{list(info.domains)}.")
+        if domain is not None and domain not in (ALL_DOMAINS, packs.SOURCE_DOMAIN) and domain not in info.domains:
+            return (f"pack {pack!r} has no domain {domain!r}. Fix: choose {ALL_DOMAINS}, {packs.SOURCE_DOMAIN} "
+                    f"or one of {list(info.domains)}.")
         return True
 
     @classmethod

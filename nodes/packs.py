@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import folder_paths
 
 from safedig_core.errors import PackError
+from safedig_core.hooks import ALL_DOMAINS
 from safedig_core.pack import PACK_SUFFIX, PackSummary, read_summary
 
 FOLDER = "safedig"
@@ -107,7 +108,8 @@ def pack_summary(path: str) -> PackSummary:
 
 
 def all_domains() -> list[str]:
-    """The domain combo's options: '(source)' plus every domain named by any valid pack in the folders.
+    """The domain combo's options: '(all domains)', '(source)', then every domain named by any valid pack in
+    the folders.
     A malformed pack is skipped here (one log line) and reported when it is chosen."""
     names: list[str] = []
     for name in list_packs():
@@ -116,7 +118,7 @@ def all_domains() -> list[str]:
         except PackError:
             continue
         names += [d for d in summary.domains if d not in names]
-    return [SOURCE_DOMAIN, *names]
+    return [ALL_DOMAINS, SOURCE_DOMAIN, *names]
 
 
 def file_fingerprint(name: str) -> str:

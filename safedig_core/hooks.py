@@ -25,43 +25,69 @@ from torch import Tensor, nn
 from .errors import PackError, SafeDIGError
 from .pack import DictionaryPack, decoder_key, encoder_key
 from .positions import ModelPositions, resolve
-from .steering_math import GateScope, PositionWeights, SteeringParams, steer
+from .steering_math import GateScope, PositionWeights, SteeringParams, steer_domains
+
+ALL_DOMAINS = "(all domains)"  # the domain choice that steers with every domain of the pack at once
 
 
 class SteeringDictionary:
-    """A pack with one chosen domain's decoders, optionally restricted to a subset of its positions.
+    """A pack with the chosen domain's decoders, or with every domain's (`domain=ALL_DOMAINS`: a token is
+    steered once, by the domain whose gate opens widest, steering_math.steer_domains), optionally
+    restricted to a subset of its positions. domain None is the pack's source domain.
 
     Weights are cast to each (device, dtype) once and cached, so repeated sampling calls pay nothing.
     """
 
     def __init__(self, pack: DictionaryPack, domain: str | None = None, positions: list[str] | None = None):
         self.pack = pack
-        self.domain = domain or pack.source_domain
-        pack.require_domain(self.domain)
+        self.requested = domain
+        if domain == ALL_DOMAINS:
+            self.domains = pack.domains
+            self.domain = self.domains[0] if len(self.domains) == 1 else "all: " + ", ".join(self.domains)
+        else:
+            self.domain = domain or pack.source_domain
+            pack.require_domain(self.domain)
+            self.domains = [self.domain]
         unknown = [p for p in positions or [] if p not in pack.positions]
         if unknown:
             raise PackError(f"positions {unknown} are not routed in this pack",
                             f"pick from {pack.positions}", path=pack.path)
         self.positions = list(positions) if positions else pack.positions
-        self._cache: dict[tuple[str, torch.device, torch.dtype], PositionWeights] = {}
+        self._cache: dict[tuple[str, str, torch.device, torch.dtype], PositionWeights] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SteeringDictionary({self.pack.path!r}, domain={self.domain!r}, positions={self.positions})"
 
-    def weights(self, position: str, device: torch.device, dtype: torch.dtype) -> PositionWeights:
-        key = (position, device, dtype)
+    def weights(self, position: str, device: torch.device, dtype: torch.dtype,
+                domain: str | None = None) -> PositionWeights:
+        """One domain's weights at a position (default: the only domain of a single-domain dictionary)."""
+        if domain is None:
+            if len(self.domains) != 1:
+                raise ValueError("this dictionary steers several domains: use domain_weights()")
+            domain = self.domains[0]
+        key = (domain, position, device, dtype)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
         with self._lock:
             if key not in self._cache:
-                self._cache[key] = self._build(position, device, dtype)
+                self._cache[key] = self._build(domain, position, device, dtype)
             return self._cache[key]
 
-    def _build(self, position: str, device: torch.device, dtype: torch.dtype) -> PositionWeights:
+    def domain_weights(self, position: str, device: torch.device, dtype: torch.dtype) -> list[PositionWeights]:
+        return [self.weights(position, device, dtype, d) for d in self.domains]
+
+    def thresholds(self, params: SteeringParams) -> dict[str, float]:
+        """The threshold the Report compares scores with, per position: the domain's tau (scaled or
+        overridden by params), or 1 for several domains, whose scores are reported as gate margins."""
+        if len(self.domains) > 1:
+            return {p: 1.0 for p in self.positions}
+        return {p: params.threshold(self.pack.domain_features(self.domain, p).tau) for p in self.positions}
+
+    def _build(self, domain: str, position: str, device: torch.device, dtype: torch.dtype) -> PositionWeights:
         info = self.pack.position_info(position)
-        feats = self.pack.domain_features(self.domain, position)
+        feats = self.pack.domain_features(domain, position)
         t = self.pack.tensors
 
         def cast(name: str) -> Tensor:
@@ -77,8 +103,8 @@ class SteeringDictionary:
             W_enc=cast(encoder_key(position, "W_enc")),
             b_enc=cast(encoder_key(position, "b_enc")),
             b_pre=cast(encoder_key(position, "b_pre")),
-            W_dec=cast(decoder_key(self.domain, position, "W_dec")),
-            b_dec=cast(decoder_key(self.domain, position, "b_dec")),
+            W_dec=cast(decoder_key(domain, position, "W_dec")),
+            b_dec=cast(decoder_key(domain, position, "b_dec")),
             harmful_ids=torch.tensor(info.harmful_ids, dtype=torch.long, device=device),
             harmful_weights=torch.tensor(feats.harmful_weights, dtype=dtype, device=device),
             anchor=anchor,
@@ -100,12 +126,13 @@ class _SteeringHook:
             return None  # another thread's call of this module: that thread's own hook steers it
         if not isinstance(output, Tensor) or not output.is_floating_point():
             return None  # not recorded as run: a caller that checks `not_run` refuses it
-        weights = s.dictionary.weights(self.position, output.device, output.dtype)
+        weights = s.dictionary.domain_weights(self.position, output.device, output.dtype)
         scores: list[Tensor] | None = [] if s.on_scores is not None else None
         gates: list[Tensor] | None = [] if s.on_scores is not None else None
         if s.latch is None and s.params.scope == GateScope.IMAGE:
             s.latch = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
-        steered = steer(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch, gates_out=gates)
+        steered = steer_domains(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch,
+                                gates_out=gates)
         if s.on_scores is not None and scores and gates:
             s.on_scores(self.position, scores[0], gates[0])
         s.ran.add(self.position)

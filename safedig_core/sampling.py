@@ -46,9 +46,7 @@ class SamplingSteering:
         self.label = label
         self.host = host
         self._lock = threading.Lock()
-        taus = {p: params.threshold(dictionary.pack.domain_features(dictionary.domain, p).tau)
-                for p in dictionary.positions}
-        self.recorder = ScoreRecorder(dictionary.positions, taus, label)
+        self.recorder = ScoreRecorder(dictionary.positions, dictionary.thresholds(params), label)
         self.latched: Tensor | None = None  # image-scope gate: images latched in this sampling run
 
     def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int) -> None:

@@ -60,7 +60,7 @@ def dictionary_for_run(dictionary: SteeringDictionary, positions: Any,
     positions and checked against the model's positions; errors name the pack file."""
     subset = parse_positions(positions, ID_PATTERNS)
     if subset is not None:
-        dictionary = SteeringDictionary(dictionary.pack, dictionary.domain, subset)
+        dictionary = SteeringDictionary(dictionary.pack, dictionary.requested, subset)
     try:
         dictionary.pack.check_compatible(model_positions, dictionary.positions)
     except PackError as exc:

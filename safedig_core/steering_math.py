@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
@@ -372,6 +372,54 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
     new = _edit(xc, sel.z, gate, w, params)
     out = x.clone()
     out[tuple(i[changed] for i in sel.idx)] = new[changed].to(x.dtype)
+    return out
+
+
+def gate_margin(score: Tensor, tau: float) -> Tensor:
+    """How far a score is past its threshold, comparable across domains: score / tau for tau > 0, else
+    score - tau + 1; above 1 exactly when the score passes tau."""
+    return score / tau if tau > 0 else score - tau + 1.0
+
+
+def steer_domains(x: Tensor, ws: Sequence[PositionWeights], params: SteeringParams, row_mask: Tensor | None = None,
+                  scores_out: list | None = None, latch: Tensor | None = None,
+                  gates_out: list | None = None) -> Tensor:
+    """`steer` with several domains of one pack at once (they share the encoder and the harmful ids): each
+    domain gates with its own weights and threshold, and each token is steered once, by the domain whose
+    gate opened widest (largest `gate_margin`), with that domain's decoder and anchor. The image latch is
+    shared: an image latched by any domain is latched for all. Reported scores are the largest margin (its
+    threshold is 1) and the gate is the winning domain's."""
+    if len(ws) == 1:
+        return steer(x, ws[0], params, row_mask, scores_out, latch, gates_out)
+    outs, margins, gates = [], [], []
+    latched_after = None if latch is None else latch.clone()
+    for w in ws:
+        s_d: list[Tensor] = []
+        g_d: list[Tensor] = []
+        own = None if latch is None else latch.clone()
+        outs.append(steer(x, w, params, row_mask, s_d, own, g_d))
+        margins.append(gate_margin(s_d[0].float(), params.threshold(w.tau)))
+        gates.append(g_d[0])
+        if own is not None and latched_after is not None:
+            latched_after |= own
+    if latch is not None and latched_after is not None:
+        latch.copy_(latched_after)
+    margin = torch.stack(margins)                      # [domains, batch, tokens]
+    gate = torch.stack(gates)
+    ranked = torch.where(gate > 0, margin, torch.full_like(margin, -torch.inf))
+    winner = ranked.argmax(0)                          # [batch, tokens]
+    if scores_out is not None:
+        scores_out.append(margin.amax(0))
+    if gates_out is not None:
+        gates_out.append(gate.gather(0, winner.unsqueeze(0)).squeeze(0))
+    out = x
+    for d, steered in enumerate(outs):
+        if steered is x:
+            continue
+        take = (winner == d) & (gate[d] > 0)
+        if take.any():
+            out = out.clone() if out is x else out
+            out[take] = steered[take]
     return out
 
 

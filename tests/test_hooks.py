@@ -140,7 +140,7 @@ def test_weights_follow_model_dtype_and_are_cached(dtype):
         cached = dict(d._cache)
         run(model, inputs)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert {k[2] for k in cached} == {dtype} and len(cached) == 3
+    assert {k[3] for k in cached} == {dtype} and len(cached) == 3  # (domain, position, device, dtype)
     assert all(d._cache[k] is v for k, v in cached.items())  # not rebuilt on the second call
 
 

@@ -128,7 +128,7 @@ def test_model_moved_between_dtypes_between_runs_and_left_unchanged():
     with SteeringHooks(model, d, SteeringParams(mode="both")), torch.no_grad():
         out16 = model(**flux_inputs(dtype=torch.bfloat16)[1])[0]
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
-    assert {key[2] for key in d._cache} == {torch.float32, torch.bfloat16}
+    assert {key[3] for key in d._cache} == {torch.float32, torch.bfloat16}
     model.to(torch.float32)
     twin.to(torch.float32)
     with torch.no_grad():

@@ -198,7 +198,8 @@ def test_pack_list_covers_models_subfolders_and_extra_model_paths(comfyui):
     ("/etc/passwd.safetensors", "(source)", "must be a plain name inside the safedig folders"),
     ("escape.safetensors", "(source)", "is a link to .*outside the safedig folders"),
     ("broken.safetensors", "(source)", "truncated"),
-    ("sd3_fire.safetensors", "nonexistent", r"has no domain 'nonexistent'. Fix: choose \(source\) or one of"),
+    ("sd3_fire.safetensors", "nonexistent",
+     r"has no domain 'nonexistent'. Fix: choose \(all domains\), \(source\) or one of"),
 ])
 def test_bad_pack_choices_are_refused_before_running(comfyui, pack, domain, expected):
     with pytest.raises(PromptError) as err:

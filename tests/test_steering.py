@@ -5,11 +5,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safedig_core import SafeDIGError, SteeringDictionary, SteeringParams
+from safedig_core import ALL_DOMAINS, SafeDIGError, SteeringDictionary, SteeringParams
 from safedig_core.pack import DictionaryPack
 from safedig_core.sae import topk_relu
 from safedig_core.schedule import schedule_fraction
-from safedig_core.steering_math import MAX_STRENGTH, ApplyTo, harmful_scores, rows_for_chunks, steer
+from safedig_core.steering_math import MAX_STRENGTH, ApplyTo, harmful_scores, rows_for_chunks, steer, steer_domains
 from safedig_core.synthetic import random_pack
 
 D = 16
@@ -263,3 +263,48 @@ def test_reported_scores_are_exact_where_the_gate_may_open_and_a_shut_bound_else
     assert (reported[rows][~may_open] <= w.tau).all()
     assert (reported[rows][~may_open] >= exact[rows][~may_open] - 1e-5).all()
     assert torch.equal(out, steer(x, w, SteeringParams(mode="repel"), row_mask=rows))  # recording changes nothing
+
+
+def two_domain_weights(tau_source: float, tau_target: float):
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=3)
+    pack = DictionaryPack("mem", meta, tensors)
+    both = SteeringDictionary(pack, ALL_DOMAINS)
+    ws = both.domain_weights(POS, torch.device("cpu"), torch.float32)
+    ws[0].tau, ws[1].tau = tau_source, tau_target
+    return both, ws
+
+
+@pytest.mark.parametrize("scope", ["token", "image"])
+def test_all_domains_steer_each_token_once_by_the_widest_open_gate(scope):
+    both, (ws, wt) = two_domain_weights(0.0, 0.0)
+    assert both.domains == ["source", "target"]
+    x = activations(seed=5)
+    p = SteeringParams(mode="blend", scope=scope)
+    x_s, x_t = steer(x, ws, p, latch=None), steer(x, wt, p, latch=None)
+    scores = []
+    out = steer_domains(x, [ws, wt], p, scores_out=scores)
+    g_s, g_t = harmful_scores(x, ws), harmful_scores(x, wt)
+    winner_t = (g_t > g_s) if scope == "token" else (g_t > g_s) & (g_t > 0)
+    changed = ~torch.isclose(out, x).all(-1)
+    assert changed.any() and (changed <= ((g_s > 0) | (g_t > 0))).all()
+    for mask, ref in ((winner_t & changed, x_t), (~winner_t & changed, x_s)):
+        assert torch.allclose(out[mask], ref[mask], atol=1e-5)
+    assert torch.equal(out[~changed], x[~changed])
+    # Reported scores are margins: 1 is each domain's own threshold.
+    assert scores[0].shape == x.shape[:-1]
+
+
+def test_all_domains_with_one_shut_gate_is_the_other_domain_alone():
+    _, (ws, wt) = two_domain_weights(1e9, 0.0)  # the source gate never opens
+    x = activations(seed=6)
+    p = SteeringParams(mode="both", scope="token")
+    assert torch.equal(steer_domains(x, [ws, wt], p), steer(x, wt, p))
+    assert torch.equal(steer_domains(x, [ws], p), steer(x, ws, p))  # one domain: exactly steer()
+
+
+def test_all_domains_of_a_one_domain_pack_is_that_domain():
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=4, domains=("violence",))
+    pack = DictionaryPack("mem", meta, tensors)
+    one, every = SteeringDictionary(pack, "violence"), SteeringDictionary(pack, ALL_DOMAINS)
+    assert every.domain == "violence" and every.domains == ["violence"]
+    assert every.thresholds(SteeringParams(mode="blend")) == one.thresholds(SteeringParams(mode="blend"))
