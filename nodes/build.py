@@ -16,12 +16,14 @@ from pathlib import Path
 import comfy.samplers
 import folder_paths
 
-from safedig_core import SteeringDictionary, load_pack
+from safedig_core import ALL_DOMAINS, SteeringDictionary, load_pack
 from safedig_core.errors import SafeDIGError
 from safedig_core.pack import PACK_SUFFIX
 from safedig_core.pack_info import format_pack
+from safedig_core.steer_inputs import require_dictionary
 from safedig_core.training.build import (
     BuildSettings,
+    TargetPairs,
     adapt_pack,
     build_pack,
     check_benign,
@@ -37,6 +39,9 @@ from .types import SafeDIGDict
 
 WORK_DIR = "safedig_work"
 PASTE = "(pasted below)"
+FROM_INPUT = "(dictionary input)"
+NONE = "(none)"
+SAME_AS_BENIGN = "(benign prompts)"
 
 
 def _sampling_inputs() -> list:
@@ -58,7 +63,8 @@ def _sampling_inputs() -> list:
         io.Int.Input("max_tokens_per_row", default=256, min=0, max=65536,
                      tooltip="Tokens kept per captured step and position (evenly strided); 0 = all. The "
                              "largest lever on storage and memory."),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of SAE training and of the prompt seeds."),
+        io.Int.Input("build_seed", default=0, min=0, max=2**31 - 1,
+                     tooltip="Seed of SAE training and of prompt seeds a file does not give (fixed: a rerun resumes)."),
     ]
 
 
@@ -109,7 +115,7 @@ def check_values(pack, prompt_pairs, benign_prompts, pack_name, pasted_pairs, pa
     """validate_inputs of both nodes: the prompt sets are read and checked here, before anything is sampled
     (a linked value arrives as None and is checked when the node runs)."""
     try:
-        if pack is not None:
+        if pack is not None and pack != FROM_INPUT:
             packs.pack_summary(packs.resolve_pack(pack))
         if pack_name is not None:
             pack_path(pack_name)
@@ -126,6 +132,11 @@ def _generator(model, clip, v: dict, reporter: ComfyReporter) -> ComfySampler:
     return ComfySampler(model, clip, sampler_name=v["sampler_name"], scheduler=v["scheduler"], steps=v["steps"],
                         cfg=v["cfg"], guidance=v["guidance"], width=v["width"], height=v["height"],
                         after_prompt=reporter.advance)
+
+
+def _file_fingerprint(path: str) -> str:
+    st = os.stat(path)
+    return f"{path}:{st.st_mtime_ns}:{st.st_size}"
 
 
 def _positions(text: str | None) -> tuple[str, ...]:
@@ -165,35 +176,59 @@ class BuildDictionary(io.ComfyNode):
                 io.Int.Input("sae_k", default=32, min=1, max=1024, tooltip="Active latents per token (TopK)."),
                 io.Float.Input("sae_epochs", default=3.0, min=0.1, max=50.0, step=0.1),
                 *_pasted_inputs(),
+                io.Combo.Input("target_pairs", options=[NONE, *packs.list_prompt_sets()], default=NONE, optional=True,
+                               tooltip="Optional pairs of a second risk domain built in the same run: they also "
+                                       "choose the harmful features, and the pack gets that domain adapted (as "
+                                       "`build-pack` does). Later domains: Adapt Dictionary."),
+                io.String.Input("target_domain", default="target", optional=True,
+                                tooltip="Name of the domain of target_pairs."),
+                io.Combo.Input("calibration_prompts", options=[SAME_AS_BENIGN, *packs.list_prompt_sets()],
+                               default=SAME_AS_BENIGN, optional=True,
+                               tooltip="Benign prompts the gate threshold is calibrated on (full generations); "
+                                       "default: benign_prompts. A separate, larger set calibrates better."),
             ],
             outputs=_outputs(),
             is_output_node=True,
         )
 
     @classmethod
-    def validate_inputs(cls, prompt_pairs, benign_prompts, pack_name, pasted_pairs=None,
-                        pasted_benign=None) -> bool | str:
-        return check_values(None, prompt_pairs, benign_prompts, pack_name, pasted_pairs, pasted_benign)
+    def validate_inputs(cls, prompt_pairs, benign_prompts, pack_name, pasted_pairs=None, pasted_benign=None,
+                        target_pairs=None, calibration_prompts=None) -> bool | str:
+        problem = check_values(None, prompt_pairs, benign_prompts, pack_name, pasted_pairs, pasted_benign)
+        if problem is True and target_pairs not in (None, NONE):
+            problem = check_values(None, target_pairs, None, None, None, None)
+        if problem is True and calibration_prompts not in (None, SAME_AS_BENIGN):
+            problem = check_values(None, None, calibration_prompts, None, None, None)
+        return problem
 
     @classmethod
     def execute(cls, model, clip, prompt_pairs, benign_prompts, pack_name, domain, overwrite, candidate_positions,
                 routed_count, sae_expansion, sae_k, sae_epochs=3.0, pasted_pairs="", pasted_benign="",
+                target_pairs=NONE, target_domain="target", calibration_prompts=SAME_AS_BENIGN,
                 **sampling) -> io.NodeOutput:
         out = pack_path(pack_name)
-        seed, n = sampling["seed"], sampling["seeds_per_prompt"]
+        seed, n = sampling["build_seed"], sampling["seeds_per_prompt"]
         pairs = read_prompts(prompt_pairs, pasted_pairs, seed, n, "prompt_pairs")
         benign = read_prompts(benign_prompts, pasted_benign, seed + 1, n, "benign_prompts")
+        target = None
+        if target_pairs not in (None, NONE):
+            target = TargetPairs((target_domain or "").strip() or "target",
+                                 read_prompts(target_pairs, None, seed + 2, n, "target_pairs"))
+        calibration = None
+        if calibration_prompts not in (None, SAME_AS_BENIGN):
+            calibration = read_prompts(calibration_prompts, None, seed + 3, n, "calibration_prompts")
         settings = BuildSettings(capture_steps=sampling["capture_steps"], positions=_positions(candidate_positions),
                                  routed=routed_count, expansion=sae_expansion, k=sae_k, epochs=sae_epochs,
                                  max_tokens=sampling["max_tokens_per_row"], seed=seed)
         reporter = ComfyReporter()
         generator = _generator(model, clip, sampling, reporter)
         work = work_folder(Path(folder_paths.get_output_directory()) / WORK_DIR, out.name, generator.spec, settings,
-                           pairs, benign, domain)
+                           pairs, benign, domain, target, calibration)
         path = build_pack(generator, pairs, benign, out, work, settings, domain=domain.strip() or "unsafe",
-                          reporter=reporter, overwrite=overwrite, provenance={"work_folder": str(work)})
+                          target=target, calibration=calibration, reporter=reporter, overwrite=overwrite,
+                          provenance={"work_folder": str(work)})
         pack = load_pack(path)
-        return io.NodeOutput(SteeringDictionary(pack, None), format_pack(pack) + f"\n\nSaved to {path}")
+        return io.NodeOutput(SteeringDictionary(pack, ALL_DOMAINS), format_pack(pack) + f"\n\nSaved to {path}")
 
 
 class AdaptDictionary(io.ComfyNode):
@@ -209,7 +244,9 @@ class AdaptDictionary(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
-                io.Combo.Input("pack", options=packs.list_packs(), tooltip="The pack to adapt (it is not changed)."),
+                io.Combo.Input("pack", options=[FROM_INPUT, *packs.list_packs()], default=FROM_INPUT,
+                               tooltip=f"The pack to adapt (it is not changed); {FROM_INPUT}: the pack of the "
+                                       "`dictionary` input (e.g. straight from Build Dictionary)."),
                 *_prompt_inputs(),
                 io.String.Input("domain", default="target", tooltip="Name of the new risk domain."),
                 io.String.Input("pack_name", default="my_adapted_pack", tooltip="File name of the new pack."),
@@ -217,6 +254,8 @@ class AdaptDictionary(io.ComfyNode):
                 *_sampling_inputs(),
                 io.Float.Input("adapt_epochs", default=3.0, min=0.1, max=50.0, step=0.1),
                 *_pasted_inputs(),
+                SafeDIGDict.Input("dictionary", optional=True,
+                                  tooltip=f"The pack to adapt when `pack` is {FROM_INPUT}."),
             ],
             outputs=_outputs(),
             is_output_node=True,
@@ -229,10 +268,16 @@ class AdaptDictionary(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, pack, prompt_pairs, benign_prompts, domain, pack_name, overwrite, adapt_epochs=3.0,
-                pasted_pairs="", pasted_benign="", **sampling) -> io.NodeOutput:
-        source = packs.resolve_pack(pack)
+                pasted_pairs="", pasted_benign="", dictionary=None, **sampling) -> io.NodeOutput:
+        if pack == FROM_INPUT:
+            if dictionary is None:
+                raise SafeDIGError(f"pack is {FROM_INPUT} but nothing is connected to `dictionary`",
+                                   "connect a dictionary (Load / Build Dictionary), or pick a pack file")
+            source = require_dictionary(dictionary).pack.path
+        else:
+            source = packs.resolve_pack(pack)
         out = pack_path(pack_name)
-        seed, n = sampling["seed"], sampling["seeds_per_prompt"]
+        seed, n = sampling["build_seed"], sampling["seeds_per_prompt"]
         pairs = read_prompts(prompt_pairs, pasted_pairs, seed, n, "prompt_pairs")
         benign = read_prompts(benign_prompts, pasted_benign, seed + 1, n, "benign_prompts")
         settings = BuildSettings(capture_steps=sampling["capture_steps"], max_tokens=sampling["max_tokens_per_row"],
@@ -240,7 +285,7 @@ class AdaptDictionary(io.ComfyNode):
         reporter = ComfyReporter()
         generator = _generator(model, clip, sampling, reporter)
         work = work_folder(Path(folder_paths.get_output_directory()) / WORK_DIR, out.name, generator.spec, settings,
-                           pairs, benign, domain, packs.file_fingerprint(pack), adapt_epochs)
+                           pairs, benign, domain, _file_fingerprint(source), adapt_epochs)
         path = adapt_pack(Path(source), generator, pairs, benign, domain.strip(), out, work, settings,
                           reporter=reporter, overwrite=overwrite, epochs=adapt_epochs)
         new = load_pack(path)

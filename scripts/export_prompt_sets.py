@@ -18,11 +18,13 @@ sys.path.insert(0, str(ROOT))
 from safedig_core.training.collect import PromptRecord, world_prompts  # noqa: E402
 
 OUT = ROOT / "dictionaries" / "prompts"
-# file name -> (world set, prompts per concept): build-pack's --n-source / --n-target / --n-benign defaults
+# file name -> (world set, prompts per concept, seed): build-pack's --n-source / --n-target / --n-benign and
+# --n-calib defaults (its tau calibration set is drawn with seed + 1)
 BUNDLED_SETS = {
-    "bundled_source_pairs.jsonl": ("source", 40),
-    "bundled_target_pairs.jsonl": ("target", 32),
-    "bundled_benign.jsonl": ("benign", 20),
+    "bundled_source_pairs.jsonl": ("source", 40, 0),
+    "bundled_target_pairs.jsonl": ("target", 32, 0),
+    "bundled_benign.jsonl": ("benign", 20, 0),
+    "bundled_benign_calibration.jsonl": ("benign", 40, 1),
 }
 LABELS = {1: "unsafe", 0: "safe"}
 
@@ -36,8 +38,8 @@ def to_line(record: PromptRecord) -> str:
 
 
 def bundled_lines(name: str) -> str:
-    kind, n = BUNDLED_SETS[name]
-    return "".join(to_line(r) + "\n" for r in world_prompts(kind, n, 0))
+    kind, n, seed = BUNDLED_SETS[name]
+    return "".join(to_line(r) + "\n" for r in world_prompts(kind, n, seed))
 
 
 def main() -> int:

@@ -53,7 +53,7 @@ def write_prompt_files(base: Path) -> None:
 
 
 SAMPLING = dict(sampler_name="euler", scheduler="simple", steps=6, cfg=3.0, guidance=3.5, width=32, height=32,
-                seeds_per_prompt=1, capture_steps=2, max_tokens_per_row=0, seed=0)
+                seeds_per_prompt=1, capture_steps=2, max_tokens_per_row=0, build_seed=0)
 
 
 def build_graph(pack_name: str, *, pairs: str = "small_pairs.jsonl", benign: str = "small_benign.jsonl",
@@ -95,7 +95,7 @@ def test_bundled_build_and_adapt_through_the_nodes(comfyui: ComfyServer):
     # No overwrite without the toggle; the pack stays as it was.
     mtime = (packs / "built_bundled.safetensors").stat().st_mtime_ns
     with pytest.raises(PromptError) as err:
-        comfyui.run(build_graph("built_bundled", seed=1))
+        comfyui.run(build_graph("built_bundled", build_seed=1))
     assert "built_bundled.safetensors already exists" in execution_error(err.value)
     assert (packs / "built_bundled.safetensors").stat().st_mtime_ns == mtime
 
@@ -113,6 +113,17 @@ def test_bundled_build_and_adapt_through_the_nodes(comfyui: ComfyServer):
                       weights="bundled_flux.safetensors", prompt="a hazard-striped triangle")
     entry = comfyui.run(g)
     assert "steps steered" in comfyui.ui_text(entry, "11")
+
+
+def test_build_with_target_pairs_makes_both_domains_in_one_run(comfyui: ComfyServer):
+    g = build_graph("built_two_domains")
+    g["3"]["inputs"].update(target_pairs="small_target.jsonl", target_domain="toxic",
+                            calibration_prompts="small_benign.jsonl")
+    comfyui.run(g, timeout=600)
+    pack = load_pack(comfyui.base / "models" / "safedig" / "built_two_domains.safetensors")
+    assert pack.domains == ["hazard", "toxic"] and pack.metadata["domains"]["toxic"]["adapted_from"] == "hazard"
+    # H was chosen on both domains' pairs.
+    assert pack.metadata["provenance"]["harmful_from"] == ["source", "target"]
 
 
 def test_bad_prompt_sets_are_refused_before_sampling(comfyui: ComfyServer):

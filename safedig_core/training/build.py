@@ -33,10 +33,10 @@ from ..sae import SAEDecoder, TopKSAE
 from .collect import ActivationSet, PromptRecord, collect, evenly_spaced_steps, is_heldout
 from .features import FeatureConfig, domain_features
 from .generators import Generator
-from .pipeline import _calibration_cache, _domain_entry, run_export, run_features, run_route, run_train
+from .pipeline import _calibration_cache, _domain_entry, run_adapt, run_export, run_features, run_route, run_train
 from .sae_training import AdaptConfig, SAEConfig, adapt_decoder
 
-PAIRS_SET, BENIGN_SET = "source", "benign"
+PAIRS_SET, TARGET_SET, BENIGN_SET = "source", "target", "benign"
 BUFFER_TOKENS = 2_000_000  # SAEConfig.buffer_tokens: the shuffle buffer of SAE training
 
 
@@ -257,24 +257,44 @@ def _with_autograd(fn):
 
 
 
+@dataclass(frozen=True)
+class TargetPairs:
+    """A second risk domain built in the same run (as `build-pack` does): its pairs also choose the
+    harmful latents H, and its decoders are adapted to it before the pack is written."""
+
+    domain: str
+    pairs: Sequence[PromptRecord]
+    epochs: float = 3.0
+    pull: float = AdaptConfig.pull
+
+
 @_with_autograd
 def build_pack(generator: Generator, pairs: Sequence[PromptRecord], benign: Sequence[PromptRecord], out: Path,
-               work: Path, settings: BuildSettings, *, domain: str = "source", reporter: Reporter | None = None,
+               work: Path, settings: BuildSettings, *, domain: str = "source", target: TargetPairs | None = None,
+               calibration: Sequence[PromptRecord] | None = None, reporter: Reporter | None = None,
                overwrite: bool = False, plan_seconds: float | None = None, provenance: dict | None = None) -> Path:
-    """The whole pipeline on one model: pairs + benign -> a pack with one (source) domain at `out`."""
+    """The whole pipeline on one model: pairs + benign -> a pack with one source domain at `out` (plus an
+    adapted `target` domain when given). tau is fit on full generations of `calibration` (default: the
+    benign prompts, which are also SAE training data and the weights' negatives)."""
     reporter = reporter or Reporter()
     out = Path(out)
     check_pairs(pairs)
     check_benign(benign)
+    calibration = list(benign if calibration is None else calibration)
+    check_benign(calibration)
+    if target is not None:
+        check_pairs(target.pairs, "target prompt pairs")
     refuse_overwrite(out, overwrite)
-    plan = estimate(generator, settings, len(pairs) + len(benign), len(benign) + _n_unsafe_checks(pairs),
-                    plan_seconds)
+    sets = {PAIRS_SET: pairs, **({TARGET_SET: target.pairs} if target else {}), BENIGN_SET: benign}
+    checks = {"unsafe_heldout": _unsafe_checks(pairs),
+              **({"unsafe_target_heldout": _unsafe_checks(target.pairs)} if target else {})}
+    plan = estimate(generator, settings, sum(len(v) for v in sets.values()),
+                    len(calibration) + sum(len(v) for v in checks.values()), plan_seconds)
     for line in plan.lines():
         print(line, flush=True)
     plan.check(work)
     t0 = time.time()
-    _collect_sets(generator, {PAIRS_SET: pairs, BENIGN_SET: benign}, work, settings, reporter,
-                  resolve_positions(generator, settings.positions))
+    _collect_sets(generator, sets, work, settings, reporter, resolve_positions(generator, settings.positions))
     reporter.stage("route", 1)
     run_route(work, PAIRS_SET, settings.routed)
     reporter.advance()
@@ -284,10 +304,16 @@ def build_pack(generator: Generator, pairs: Sequence[PromptRecord], benign: Sequ
     sae_cfg = SAEConfig(expansion=settings.expansion, k=settings.k, epochs=settings.epochs, seed=settings.seed)
     reporter.stage("train SAEs", settings.routed)
     run_train(work, [PAIRS_SET, BENIGN_SET], sae_cfg, progress=False, on_step=lambda _i: reporter.check())
-    calib = {"benign": list(benign), "unsafe_heldout": _unsafe_checks(pairs)}
+    calib = {"benign": calibration, **checks}
     reporter.stage("calibrate the gate", sum(len(v) for v in calib.values()))
-    run_features(work, domain, PAIRS_SET, calib, FeatureConfig(fire_rate=settings.fire_rate), generator,
-                 progress=False)
+    harmful_from = (PAIRS_SET, TARGET_SET) if target else ()
+    run_features(work, domain, PAIRS_SET, calib, FeatureConfig.for_sets(harmful_from, fire_rate=settings.fire_rate),
+                 generator, progress=False)
+    if target is not None:
+        reporter.stage(f"adapt decoders to '{target.domain}'", 1)
+        run_adapt(work, target.domain, TARGET_SET, AdaptConfig(epochs=target.epochs, pull=target.pull,
+                                                               seed=settings.seed), progress=False)
+        reporter.advance()
     refuse_overwrite(out, overwrite)  # a pack may have appeared under this name while the build ran
     return run_export(work, out, {"build": "SafeDIGBuildDictionary", "settings": asdict(settings),
                                   "wall_seconds": round(time.time() - t0, 1), "plan": plan.detail,
@@ -297,10 +323,6 @@ def build_pack(generator: Generator, pairs: Sequence[PromptRecord], benign: Sequ
 def _unsafe_checks(pairs: Sequence[PromptRecord]) -> list[PromptRecord]:
     """Unsafe prompts of the held-out pairs (kept out of SAE training): the gate's measured recall."""
     return [r for i, r in enumerate(pairs) if r.label and is_heldout(r, i)]
-
-
-def _n_unsafe_checks(pairs: Sequence[PromptRecord]) -> int:
-    return len(_unsafe_checks(pairs))
 
 
 def _collect_sets(generator: Generator, sets: dict[str, Sequence[PromptRecord]], work: Path,
@@ -363,8 +385,8 @@ def adapt_pack(pack_path: Path, generator: Generator, pairs: Sequence[PromptReco
         print(line, flush=True)
     plan.check(work)
     t0 = time.time()
-    _collect_sets(generator, {"target": pairs, BENIGN_SET: benign}, work, settings, reporter, pack.positions)
-    target, negatives = ActivationSet(work / "collect" / "target"), ActivationSet(work / "collect" / BENIGN_SET)
+    _collect_sets(generator, {TARGET_SET: pairs, BENIGN_SET: benign}, work, settings, reporter, pack.positions)
+    target, negatives = ActivationSet(work / "collect" / TARGET_SET), ActivationSet(work / "collect" / BENIGN_SET)
     saes = {p: sae_from_pack(pack, p) for p in pack.positions}
     harmful = {p: pack.position_info(p).harmful_ids for p in pack.positions}
     cfg_f = FeatureConfig(fire_rate=settings.fire_rate)
@@ -381,7 +403,7 @@ def adapt_pack(pack_path: Path, generator: Generator, pairs: Sequence[PromptReco
         reporter.advance()
     reporter.stage("calibrate the gate", len(benign))
     zh = _calibration_cache(work, "benign", generator, benign, saes, harmful, progress=False)
-    entry = _domain_entry(domain, "target", features, {"benign": zh}, "benign", [BENIGN_SET], cfg_f)
+    entry = _domain_entry(domain, TARGET_SET, features, {"benign": zh}, "benign", [BENIGN_SET], cfg_f)
     new = DomainEntry({p: DomainFeatures(f["harmful_weights"], f["safe_anchor_ids"], f["safe_anchor_values"],
                                          f["tau"], {"detection_auroc": f["detection_auroc"]})
                        for p, f in entry["positions"].items()},
