@@ -60,7 +60,8 @@ TOGGLES = """**What to toggle** (on *SafeDIG Steer*):
 - **start_percent** / **end_percent**: which part of the schedule is steered.
 - **positions**: a comma-separated subset of the pack's routed positions (empty = all).
 
-On *SafeDIG Load Dictionary*: **domain** `(source)` or a target risk domain the pack was adapted to.
+On *SafeDIG Load Dictionary*: **domain** `(all domains)` steers every risk domain of the pack at once;
+`(source)` or one target domain steers that domain alone.
 The KSampler seed is `fixed`: switch the mode and queue again to compare on the same noise.
 *SafeDIG Report* shows per step and position where the gate opened, and a token map over the image."""
 
@@ -85,7 +86,7 @@ def flux_dev() -> dict:
         dict(key="latent", type="EmptySD3LatentImage", pos=[380, 490],
              widgets={"width": 1024, "height": 1024, "batch_size": 1}),
         dict(key="dict", type="SafeDIGLoadDictionary", pos=[840, 60],
-             widgets={"pack": "safedig_flux1-dev.safetensors", "domain": "(source)"}),
+             widgets={"pack": "safedig_flux1-dev.safetensors", "domain": "(all domains)"}),
         dict(key="steer", type="SafeDIGSteer", pos=[840, 220], widgets=STEER),
         dict(key="ksampler", type="KSampler", pos=[1180, 60],
              widgets={"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 1.0,
@@ -128,7 +129,7 @@ def sd35_large() -> dict:
         dict(key="latent", type="EmptySD3LatentImage", pos=[380, 480],
              widgets={"width": 1024, "height": 1024, "batch_size": 1}),
         dict(key="dict", type="SafeDIGLoadDictionary", pos=[840, 60],
-             widgets={"pack": "safedig_sd3.5-large.safetensors", "domain": "(source)"}),
+             widgets={"pack": "safedig_sd3.5-large.safetensors", "domain": "(all domains)"}),
         dict(key="steer", type="SafeDIGSteer", pos=[840, 220], widgets=STEER),
         dict(key="ksampler", type="KSampler", pos=[1180, 60],
              widgets={"seed": 42, "control_after_generate": "fixed", "steps": 28, "cfg": 4.5,
@@ -172,7 +173,7 @@ def bundled() -> dict:
         dict(key="latent", type="SafeDIGBundledEmptyLatent", pos=[20, 510],
              widgets={"width": 32, "height": 32, "batch_size": 1}),
         dict(key="dict", type="SafeDIGLoadDictionary", pos=[480, 60],
-             widgets={"pack": headless.SHIPPED_PACK, "domain": "(source)"}),
+             widgets={"pack": headless.SHIPPED_PACK, "domain": "(all domains)"}),
         dict(key="steer", type="SafeDIGSteer", pos=[480, 220], widgets={**STEER, "mode": "Off"}),
         dict(key="ksampler", type="KSampler", pos=[820, 60], widgets=BUNDLED_SAMPLER),
         dict(key="decode", type="SafeDIGBundledLatentToImage", pos=[820, 380]),
@@ -217,7 +218,7 @@ def before_after() -> dict:
         dict(key="latent", type="SafeDIGBundledEmptyLatent", pos=[20, 510],
              widgets={"width": 32, "height": 32, "batch_size": 1}),
         dict(key="dict", type="SafeDIGLoadDictionary", pos=[20, 680],
-             widgets={"pack": headless.SHIPPED_PACK, "domain": "(source)"}),
+             widgets={"pack": headless.SHIPPED_PACK, "domain": "(all domains)"}),
     ]
     links = [("pos", 0, f"ks{i}", "positive") for i in range(4)]
     links += [("neg", 0, f"ks{i}", "negative") for i in range(4)]
@@ -248,8 +249,9 @@ def before_after() -> dict:
               "to right, `Off` (exactly the image without SafeDIG), `Blend`, `Repel`, `Both`.\n\n"
               "**What to toggle**: the prompt; the **seed** (set the same value in all four KSamplers, they are "
               "`fixed`); **blend_strength** / **repel_strength** on the steer nodes; **domain** on Load "
-              "Dictionary (`(source)` = hazard, or `toxic`). Put a FLUX.1 Dev or SD3.5 Large loader in place of "
-              "the bundled model (and its text encoders, latent and VAE decode) to compare on those.",
+              "Dictionary (`(all domains)`, `(source)` = hazard, or `toxic`). Put a FLUX.1 Dev or SD3.5 Large "
+              "loader in place of the bundled model (and its text encoders, latent and VAE decode) to compare on "
+              "those.",
               [1820, 420], [600, 360]),
     ]
     links += [("img0", 0, "st1", "image1"), ("img1", 0, "st1", "image2"), ("st1", 0, "st2", "image1"),
@@ -258,11 +260,117 @@ def before_after() -> dict:
     return dict(nodes=nodes, links=links)
 
 
+BUILD_NOTE = """**What to toggle** (after the pack is built, on *SafeDIG Steer*): **mode** `Off` / `Blend` / `Repel` /
+`Both`, the strengths and **threshold_scale**, as in the other SafeDIG workflows; on *Adapt Dictionary* the
+**domain** that steers is the new one.
+
+**Building** (the two build nodes): the console prints the plan first (storage, memory, time) and refuses one
+that cannot fit, naming the setting to lower (**max_tokens_per_row**, **capture_steps**,
+**candidate_positions**). The progress bar runs per stage; **Interrupt** is safe and Run again resumes from
+`output/safedig_work/`. Change **pack_name** (or turn on **overwrite**) to build again. Prompt sets are JSON
+lines in `models/safedig/prompts/` or SafeDIG's `dictionaries/prompts/`, or paste them (`(pasted below)`)."""
+
+
+def _build_widgets(**over) -> dict:
+    base = {"prompt_pairs": "", "benign_prompts": "", "pack_name": "my_pack", "domain": "unsafe", "overwrite": False,
+            "sampler_name": "euler", "scheduler": "simple", "steps": 20, "cfg": 1.0, "guidance": 3.5, "width": 1024,
+            "height": 1024, "seeds_per_prompt": 1, "capture_steps": 4, "max_tokens_per_row": 256, "build_seed": 0,
+            "candidate_positions": "", "routed_count": 3, "sae_expansion": 16, "sae_k": 32, "sae_epochs": 3.0,
+            "pasted_pairs": "", "pasted_benign": "", "target_pairs": "(none)", "target_domain": "target",
+            "calibration_prompts": "(benign prompts)"}
+    return {**base, **over}
+
+
+def build_pack_bundled() -> dict:
+    sampling = dict(steps=20, cfg=3.0, width=32, height=32, max_tokens_per_row=0)
+    nodes = [
+        dict(key="model", type="SafeDIGLoadBundledModel", pos=[20, 60], widgets={"weights": headless.SHIPPED_WEIGHTS}),
+        dict(key="clip", type="SafeDIGLoadBundledTextEncoder", pos=[20, 170]),
+        dict(key="build", type="SafeDIGBuildDictionary", pos=[380, 60], size=[360, 1000],
+             widgets=_build_widgets(prompt_pairs="bundled_source_pairs.jsonl", benign_prompts="bundled_benign.jsonl",
+                                    pack_name="my_bundled_pack", domain="hazard",
+                                    target_pairs="bundled_target_pairs.jsonl", target_domain="toxic",
+                                    calibration_prompts="bundled_benign_calibration.jsonl", **sampling)),
+        dict(key="pos", type="SafeDIGBundledTextEncode", pos=[780, 60], size=[360, 120],
+             widgets={"text": BUNDLED_PROMPT}, title="Positive prompt"),
+        dict(key="neg", type="SafeDIGBundledTextEncode", pos=[780, 230], size=[360, 90], widgets={"text": ""},
+             title="Negative prompt (empty)"),
+        dict(key="latent", type="SafeDIGBundledEmptyLatent", pos=[780, 370],
+             widgets={"width": 32, "height": 32, "batch_size": 1}),
+        dict(key="steer", type="SafeDIGSteer", pos=[780, 530], widgets=STEER),
+        dict(key="ksampler", type="KSampler", pos=[1180, 60], widgets=BUNDLED_SAMPLER),
+        dict(key="decode", type="SafeDIGBundledLatentToImage", pos=[1180, 380]),
+        dict(key="scale", type="ImageScale", pos=[1180, 470],
+             widgets={"upscale_method": "nearest-exact", "width": 256, "height": 256, "crop": "disabled"},
+             title="Upscale x8 (to see the pixels)"),
+        dict(key="save", type="SaveImage", pos=[1520, 60], size=[320, 380],
+             widgets={"filename_prefix": "SafeDIG_built_pack"}),
+        dict(key="info", type="PreviewAny", pos=[1520, 500], size=[420, 320], title="The new pack"),
+        _note("## Build a pack on the bundled model\n\n"
+              "The whole pipeline of `python -m safedig_core build-pack` in one node, on CPU: *Build Dictionary* "
+              "samples the shipped source pairs (hazard -> safe look-alikes), the target pairs (toxic) and the "
+              "benign prompts with the bundled model, routes, trains the SAEs, finds the harmful features on "
+              "both domains' pairs, calibrates the gate and adapts the `toxic` decoders; the new pack steers the "
+              "prompt on the right at once. About five minutes on two CPU cores (docs/training.md). To add a "
+              "risk later, to this or any pack: *SafeDIG Adapt Dictionary*.\n\n" + BUILD_NOTE, [20, 300], [340, 800]),
+    ]
+    links = [
+        ("model", 0, "build", "model"), ("clip", 0, "build", "clip"),
+        ("model", 0, "steer", "model"), ("build", 0, "steer", "dictionary"), ("steer", 0, "ksampler", "model"),
+        ("pos", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        ("latent", 0, "ksampler", "latent_image"), ("ksampler", 0, "decode", "samples"),
+        ("decode", 0, "scale", "image"), ("scale", 0, "save", "images"), ("build", 1, "info", "source"),
+    ]
+    return dict(nodes=nodes, links=links)
+
+
+# 22 of FLUX.1 Dev's 114 positions (every third double block, every sixth single block, the text input): with
+# 64 tokens per row the plan stays near 12 GB of activations (`python -m safedig_core plan flux-dev`).
+FLUX_CANDIDATES = ",".join(["input.txt"] + [f"double.{i}.{s}" for i in range(0, 19, 3) for s in ("img.attn", "txt.mlp")]
+                           + [f"single.{j}.out" for j in (0, 6, 12, 18, 24, 30, 37)])
+
+
+def build_pack_flux1_dev() -> dict:
+    sampling = dict(steps=20, cfg=1.0, guidance=3.5, width=1024, height=1024, max_tokens_per_row=64)
+    flux = flux_dev()
+    keep = {"unet", "clip", "vae", "pos", "guidance", "neg", "latent", "steer", "ksampler", "decode", "save"}
+    nodes = [dict(n, pos=[n["pos"][0] + (400 if n["key"] not in ("unet", "clip", "vae") else 0), n["pos"][1]])
+             for n in flux["nodes"] if n["key"] in keep]
+    nodes += [
+        dict(key="build", type="SafeDIGBuildDictionary", pos=[380, 60], size=[360, 1000],
+             widgets=_build_widgets(prompt_pairs="violence_pairs.jsonl", benign_prompts="benign_calibration.jsonl",
+                                    pack_name="safedig_flux1-dev_violence_weapons", domain="violence",
+                                    target_pairs="weapons_pairs.jsonl", target_domain="weapons",
+                                    candidate_positions=FLUX_CANDIDATES, sae_expansion=4, **sampling)),
+        dict(key="info", type="PreviewAny", pos=[1900, 580], size=[420, 320], title="The new pack"),
+        _note("## Build a FLUX.1 Dev pack in ComfyUI\n\n"
+              "**Files**: FLUX.1 Dev and its text encoders, as in the `safedig_flux1_dev` workflow. *Build "
+              "Dictionary* makes a pack with two risk domains from SafeDIG's starter pairs: `violence` (graphic "
+              "violence -> the same scene without injury) and `weapons` (weapons -> harmless objects in the same "
+              "pose), calibrated on the benign set. Replace the prompt sets with your own to cover your risks; "
+              "add a risk later with *SafeDIG Adapt Dictionary*.\n\n"
+              "**Plan** (computed for a 24 GB RTX 4090-class GPU, docs/training.md): ~700 generations, about "
+              "18 GB of activations and 7 hours. Lower **steps**, **capture_steps** or "
+              "**candidate_positions** to go faster.\n\n" + BUILD_NOTE, [20, 560], [340, 900]),
+    ]
+    links = [
+        ("unet", 0, "build", "model"), ("clip", 0, "build", "clip"),
+        ("clip", 0, "pos", "clip"), ("pos", 0, "guidance", "conditioning"), ("pos", 0, "neg", "conditioning"),
+        ("unet", 0, "steer", "model"), ("build", 0, "steer", "dictionary"),
+        ("steer", 0, "ksampler", "model"), ("guidance", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        ("latent", 0, "ksampler", "latent_image"), ("ksampler", 0, "decode", "samples"), ("vae", 0, "decode", "vae"),
+        ("decode", 0, "save", "images"), ("build", 1, "info", "source"),
+    ]
+    return dict(nodes=nodes, links=links)
+
+
 SPECS = {
     "safedig_flux1_dev": flux_dev,
     "safedig_sd3.5_large": sd35_large,
     "safedig_bundled_model": bundled,
     "safedig_before_after": before_after,
+    "safedig_build_pack_bundled": build_pack_bundled,
+    "safedig_build_pack_flux1_dev": build_pack_flux1_dev,
 }
 
 TITLES = {
@@ -270,6 +378,8 @@ TITLES = {
     "safedig_sd3.5_large": "SD3.5 Large + SafeDIG",
     "safedig_bundled_model": "Bundled model + SafeDIG + Report",
     "safedig_before_after": "Before / after: Off | Blend | Repel | Both",
+    "safedig_build_pack_bundled": "Build a pack: bundled model",
+    "safedig_build_pack_flux1_dev": "Build a pack: FLUX.1 Dev",
 }
 
 BUILD_JS = """(spec) => {

@@ -33,12 +33,13 @@ def test_safety_table_smoke(tmp_path):
     out = tmp_path / "table"
     run("safety_table.py", "--smoke", "--out", str(out))
     report = json.loads(out.with_suffix(".json").read_text())
-    assert list(report["rows"]) == ["no steering", "negative prompt", "SafeDIG Blend 1"]
+    assert list(report["rows"]) == ["no steering", "negative prompt", "SafeDIG node defaults: all domains + Blend 1"]
     for row in report["rows"].values():
         for key in ("source_unsafe_rate", "target_unsafe_rate", "benign_accuracy"):
             rate, low, high = row[key]
             assert 0 <= low <= rate <= high <= 1
-    assert "| SafeDIG Blend 1 |" in out.with_suffix(".md").read_text()
+    assert report["rows"]["SafeDIG node defaults: all domains + Blend 1"]["domain"] == "all: hazard, toxic"
+    assert "| SafeDIG node defaults: all domains + Blend 1 |" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="needs the shipped bundled model (safedig_core/bundled/assets)")

@@ -36,7 +36,8 @@ pytest_plugins = ["comfy_server"]
 pytestmark = pytest.mark.comfy_server
 
 WORKFLOWS = ROOT / "workflows"
-NAMES = ["safedig_flux1_dev", "safedig_sd3.5_large", "safedig_bundled_model", "safedig_before_after"]
+NAMES = ["safedig_flux1_dev", "safedig_sd3.5_large", "safedig_bundled_model", "safedig_before_after",
+         "safedig_build_pack_bundled", "safedig_build_pack_flux1_dev"]
 # The standard file names of the big models (what their official releases and ComfyUI's examples use).
 STANDARD_FILES = {
     "safedig_flux1_dev": {("UNETLoader", "unet_name"): ("diffusion_models", "flux1-dev.safetensors"),
@@ -49,6 +50,12 @@ STANDARD_FILES = {
                             ("TripleCLIPLoader", "clip_name2"): ("text_encoders", "clip_g.safetensors"),
                             ("TripleCLIPLoader", "clip_name3"): ("text_encoders", "t5xxl_fp16.safetensors"),
                             ("SafeDIGLoadDictionary", "pack"): ("safedig", "safedig_sd3.5-large.safetensors")},
+    "safedig_build_pack_flux1_dev": {("UNETLoader", "unet_name"): ("diffusion_models", "flux1-dev.safetensors"),
+                                     ("DualCLIPLoader", "clip_name2"): ("text_encoders", "t5xxl_fp16.safetensors"),
+                                     ("SafeDIGBuildDictionary", "prompt_pairs"): ("safedig/prompts",
+                                                                                  "violence_pairs.jsonl"),
+                                     ("SafeDIGBuildDictionary", "target_pairs"): ("safedig/prompts",
+                                                                                  "weapons_pairs.jsonl")},
 }
 BUNDLED_POSITIONS = ["double.0.txt.mlp", "double.1.img.attn", "single.1.out"]
 FIRE = dict(expansion=2, k=16, n_harmful=24, tau=0.0)  # a random pack whose gate opens on most tokens
@@ -82,6 +89,8 @@ def write_workflow_files(base: Path) -> None:
     models = base / "models"
     for files in STANDARD_FILES.values():
         for folder, name in files.values():
+            if folder == "safedig/prompts":
+                continue  # shipped in dictionaries/prompts/, listed as they are
             (models / folder).mkdir(parents=True, exist_ok=True)
             (models / folder / name).touch()  # a name for /object_info's lists; never loaded
     write_bundled_stand_ins(models)
@@ -103,7 +112,7 @@ def png(data: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ static checks
 
 
-def test_the_four_workflows_and_thumbnails_are_there():
+def test_the_workflows_and_thumbnails_are_there():
     assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
     for name in NAMES:
         thumb = Image.open(WORKFLOWS / f"{name}.jpg")
@@ -116,7 +125,7 @@ def test_workflow_is_accepted_by_object_info(comfyui, name):
     workflow = load(name)
     assert cw.check_workflow(workflow, info) == []
     types = {n["type"] for n in workflow["nodes"]}
-    assert {"SafeDIGLoadDictionary", "SafeDIGSteer"} <= types
+    assert "SafeDIGSteer" in types and types & {"SafeDIGLoadDictionary", "SafeDIGBuildDictionary"}
     for (node_type, input_name), (_, filename) in STANDARD_FILES.get(name, {}).items():
         assert widget(workflow, info, node_type, input_name) == filename
     notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
