@@ -1,7 +1,7 @@
 """Build a pack from prompt sets, or add an adapted domain to a pack, in one call on any `Generator`: the
 pipeline the Build / Adapt Dictionary nodes run (the CLI runs the same stages one by one, pipeline.py).
 
-    plan = estimate(generator, settings, n_prompts)   storage, memory and time, before anything is sampled
+    plan = estimate(generator, settings, n_collect, n_calibrate)  storage, memory, time, before sampling
     plan.check(work)                                   refuses a plan that cannot fit, naming what to lower
     build_pack(generator, pairs, benign, ...)          collect -> route -> SAEs -> features + tau -> export
     adapt_pack(pack, generator, pairs, benign, ...)    frozen encoders, adapted decoders, new features + tau
@@ -37,7 +37,7 @@ from .pipeline import _calibration_cache, _domain_entry, run_adapt, run_export, 
 from .sae_training import AdaptConfig, SAEConfig, adapt_decoder
 
 PAIRS_SET, TARGET_SET, BENIGN_SET = "source", "target", "benign"
-BUFFER_TOKENS = 2_000_000  # SAEConfig.buffer_tokens: the shuffle buffer of SAE training
+BUFFER_TOKENS = SAEConfig.buffer_tokens  # the shuffle buffer of SAE training
 
 
 @dataclass(frozen=True)
