@@ -134,11 +134,6 @@ def _generator(model, clip, v: dict, reporter: ComfyReporter) -> ComfySampler:
                         after_prompt=reporter.advance)
 
 
-def _file_fingerprint(path: str) -> str:
-    st = os.stat(path)
-    return f"{path}:{st.st_mtime_ns}:{st.st_size}"
-
-
 def _positions(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (text or "").replace("\n", ",").split(",") if p.strip())
 
@@ -285,7 +280,7 @@ class AdaptDictionary(io.ComfyNode):
         reporter = ComfyReporter()
         generator = _generator(model, clip, sampling, reporter)
         work = work_folder(Path(folder_paths.get_output_directory()) / WORK_DIR, out.name, generator.spec, settings,
-                           pairs, benign, domain, _file_fingerprint(source), adapt_epochs)
+                           pairs, benign, domain, packs.path_fingerprint(source), adapt_epochs)
         path = adapt_pack(Path(source), generator, pairs, benign, domain.strip(), out, work, settings,
                           reporter=reporter, overwrite=overwrite, epochs=adapt_epochs)
         new = load_pack(path)

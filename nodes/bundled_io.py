@@ -32,10 +32,8 @@ class BundledTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text) -> io.NodeOutput:
-        from safedig_core.bundled.text_encoder import encode_prompts
-
-        tokens, pooled = encode_prompts([text])
-        return io.NodeOutput([[tokens, {"pooled_output": pooled}]])
+        clip = BundledClip()
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
 
 
 class BundledClip:

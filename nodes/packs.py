@@ -123,11 +123,15 @@ def all_domains() -> list[str]:
 
 def file_fingerprint(name: str) -> str:
     try:
-        path = resolve_pack(name)
-        st = os.stat(path)
-        return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+        return path_fingerprint(resolve_pack(name))
     except (PackError, OSError):
         return f"missing:{name}"
+
+
+def path_fingerprint(path: str) -> str:
+    """Changes whenever the file is replaced or rewritten (path, mtime, size)."""
+    st = os.stat(path)
+    return f"{path}:{st.st_mtime_ns}:{st.st_size}"
 
 
 # ------------------------------------------------------------------------------------------ prompt sets

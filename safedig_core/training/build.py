@@ -20,15 +20,15 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..errors import SafeDIGError
-from ..hooks import ActivationCapture
 from ..pack import DictionaryPack, DomainEntry, DomainFeatures, load_pack, with_domain
+from ..positions import ModelPositions, resolve
 from ..sae import SAEDecoder, TopKSAE
 from .collect import ActivationSet, PromptRecord, collect, evenly_spaced_steps, is_heldout
 from .features import FeatureConfig, domain_features
@@ -147,8 +147,8 @@ def estimate(generator: Generator, settings: BuildSettings, n_collect: int, n_ca
              seconds_per_generation: float | None = None) -> BuildPlan:
     """The plan of a build on this generator's model: its width, token counts and positions, and a
     sampling time measured on it (`generator.time_generation()`) unless given."""
-    positions = resolve_positions(generator, settings.positions)
-    mp = ActivationCapture(generator.model).model_positions
+    mp = resolve(generator.model)
+    positions = candidate_positions(mp, settings.positions)
     image_tokens, text_tokens = generator.token_counts()
     per_gen = generator.time_generation() if seconds_per_generation is None else seconds_per_generation
     return plan_costs(d_model=mp.d_model, positions=positions, image_tokens=image_tokens, text_tokens=text_tokens,
@@ -194,8 +194,8 @@ def matmul_flops_per_second(size: int = 512, repeats: int = 8) -> float:
     return 2 * size**3 * repeats / max(time.perf_counter() - t0, 1e-9)
 
 
-def resolve_positions(generator: Generator, wanted: Sequence[str]) -> list[str]:
-    mp = ActivationCapture(generator.model).model_positions
+def candidate_positions(mp: ModelPositions, wanted: Sequence[str]) -> list[str]:
+    """The user's candidate ids, checked against the model, or every position when none are given."""
     unknown = [p for p in wanted if p not in mp.modules]
     if unknown:
         raise SafeDIGError(f"candidate positions {unknown} do not exist in {mp.describe()}",
@@ -294,7 +294,8 @@ def build_pack(generator: Generator, pairs: Sequence[PromptRecord], benign: Sequ
         print(line, flush=True)
     plan.check(work)
     t0 = time.time()
-    _collect_sets(generator, sets, work, settings, reporter, resolve_positions(generator, settings.positions))
+    positions = candidate_positions(resolve(generator.model), settings.positions)
+    _collect_sets(generator, sets, work, settings, reporter, positions)
     reporter.stage("route", 1)
     run_route(work, PAIRS_SET, settings.routed)
     reporter.advance()
@@ -370,8 +371,7 @@ def adapt_pack(pack_path: Path, generator: Generator, pairs: Sequence[PromptReco
     reporter = reporter or Reporter()
     out = Path(out)
     pack = load_pack(pack_path)
-    mp = ActivationCapture(generator.model).model_positions
-    pack.check_compatible(mp)
+    pack.check_compatible(resolve(generator.model))
     if not domain.strip():
         raise SafeDIGError("no domain name", "name the new risk domain, e.g. violence")
     if domain in pack.domains:
@@ -379,7 +379,7 @@ def adapt_pack(pack_path: Path, generator: Generator, pairs: Sequence[PromptReco
     check_pairs(pairs, "target prompt pairs")
     check_benign(benign)
     refuse_overwrite(out, overwrite)
-    settings = BuildSettings(**{**asdict(settings), "positions": tuple(pack.positions)})
+    settings = replace(settings, positions=tuple(pack.positions))
     plan = estimate(generator, settings, len(pairs) + len(benign), len(benign), plan_seconds)
     for line in plan.lines():
         print(line, flush=True)
