@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from safedig_core.bundled.generator import initial_noise, latent_to_pixels, load
 from safedig_core.bundled.judge import Judge  # noqa: E402
 from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 from safedig_core.positions import resolve  # noqa: E402
+from safedig_core.training.steerability import forward_hooks  # noqa: E402
 
 VALID_THRESHOLD = 0.5  # judge validity above this: a proper scene (the judge's own 0-logit boundary)
 ROLES = ("source", "target")
@@ -57,16 +57,6 @@ def patch_modules(model) -> dict[str, torch.nn.Module]:
     """Every patchable module: the position ids (input.txt, blocks) and the pooled-text projection."""
     positions = resolve(model)
     return {**positions.modules, **positions.pooled}
-
-
-@contextmanager
-def forward_hooks(modules: dict[str, torch.nn.Module], make_hook):
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture_prompt_rows(model, modules, prompts, noise, steps, guidance, uncond) -> dict[str, list[torch.Tensor]]:

@@ -93,6 +93,7 @@ class SteeringDictionary:
         def cast(name: str) -> Tensor:
             return t[name].to(device=device, dtype=dtype)
 
+        blend_map = self.pack.blend_map(domain, position)
         anchor = torch.zeros(info.d_sae, dtype=dtype, device=device)
         if feats.anchor_ids:
             anchor[torch.tensor(feats.anchor_ids, device=device)] = torch.tensor(
@@ -109,6 +110,7 @@ class SteeringDictionary:
             harmful_weights=torch.tensor(feats.harmful_weights, dtype=dtype, device=device),
             anchor=anchor,
             tau=feats.tau,
+            blend_map=None if blend_map is None else blend_map.to(device=device, dtype=dtype),
         )
 
 

@@ -4,6 +4,7 @@ Tensors (names built by the functions below, never by hand elsewhere):
     encoder.{position}.W_enc  [d_sae, d_model]     encoder.{position}.b_enc  [d_sae]
     encoder.{position}.b_pre  [d_model]
     decoder.{domain}.{position}.W_dec  [d_sae, d_model]   decoder.{domain}.{position}.b_dec  [d_model]
+    blend.{domain}.{position}.map      [n_harmful, d_sae]  only where that domain's blend_target is "map"
 
 Metadata: the safetensors header's `__metadata__[METADATA_KEY]` is one JSON document, written only by
 `build_metadata` and checked against `METADATA_SCHEMA` (every field's JSON type and range) and then
@@ -34,8 +35,8 @@ from .positions import Architecture, ModelPositions, get_architecture
 
 PACK_SUFFIX = ".safetensors"
 METADATA_KEY = "safedig"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 2  # 2 adds learned Blend maps; a pack without any is still written as version 1
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 # Metadata keys (one place; readers and writers both use these).
 K_FORMAT_VERSION = "format_version"
@@ -64,6 +65,8 @@ K_HARMFUL_WEIGHTS = "harmful_weights"
 K_ANCHOR_IDS = "safe_anchor_ids"
 K_ANCHOR_VALUES = "safe_anchor_values"
 K_TAU = "tau"
+K_BLEND_TARGET = "blend_target"  # "anchor" (the constant safe anchor; the default) or "map" (learned)
+BLEND_ANCHOR, BLEND_MAP = "anchor", "map"
 
 ROLE_SOURCE, ROLE_TARGET = "source", "target"
 STORAGE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -85,16 +88,22 @@ def decoder_key(domain: str, position: str, name: str) -> str:
     return f"decoder.{domain}.{position}.{name}"
 
 
+def blend_map_key(domain: str, position: str) -> str:
+    return f"blend.{domain}.{position}.map"
+
+
 @dataclass(frozen=True)
 class DomainFeatures:
-    """Per position, per domain: weights of the harmful latents, the safe anchor and the gate threshold.
-    `extra` holds further per-position figures stored beside them (e.g. detection_auroc)."""
+    """Per position, per domain: weights of the harmful latents, the safe anchor, the gate threshold and
+    what Blend moves a harmful code to (`blend_target`: the anchor, or the learned map stored beside the
+    decoder). `extra` holds further per-position figures stored beside them (e.g. detection_auroc)."""
 
     harmful_weights: list[float]
     anchor_ids: list[int]
     anchor_values: list[float]
     tau: float
     extra: dict[str, Any] = field(default_factory=dict)
+    blend_target: str = BLEND_ANCHOR
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,22 @@ class DictionaryPack:
         self.require_domain(domain)
         f = self.metadata[K_DOMAINS][domain][K_FEATURES][position]
         return DomainFeatures(list(f[K_HARMFUL_WEIGHTS]), list(f[K_ANCHOR_IDS]), list(f[K_ANCHOR_VALUES]),
-                              float(f[K_TAU]), {k: v for k, v in f.items() if k not in _FEATURE_KEYS})
+                              float(f[K_TAU]), {k: v for k, v in f.items() if k not in _FEATURE_KEYS},
+                              f.get(K_BLEND_TARGET, BLEND_ANCHOR))
+
+    def blend_map(self, domain: str, position: str) -> torch.Tensor | None:
+        """The learned Blend map of a domain at a position, or None where the domain blends to its anchor."""
+        key = blend_map_key(domain, position)
+        return self.tensors.get(key) if self.domain_features(domain, position).blend_target == BLEND_MAP else None
+
+    def without_blend_maps(self) -> DictionaryPack:
+        """This pack with every domain blending to its constant anchor (the learned maps dropped): the
+        pre-map Blend, kept for comparison (benchmarks/safety_table.py). In memory only."""
+        meta = json.loads(json.dumps(self.metadata))
+        for entry in meta[K_DOMAINS].values():
+            for f in entry[K_FEATURES].values():
+                f.pop(K_BLEND_TARGET, None)
+        return DictionaryPack(self.path, meta, {k: v for k, v in self.tensors.items() if not k.startswith("blend.")})
 
     def require_domain(self, domain: str) -> None:
         if domain not in self.metadata[K_DOMAINS]:
@@ -190,7 +214,7 @@ class DictionaryPack:
             )
 
 
-_FEATURE_KEYS = (K_HARMFUL_WEIGHTS, K_ANCHOR_IDS, K_ANCHOR_VALUES, K_TAU)
+_FEATURE_KEYS = (K_HARMFUL_WEIGHTS, K_ANCHOR_IDS, K_ANCHOR_VALUES, K_TAU, K_BLEND_TARGET)
 
 
 # ------------------------------------------------------------------------------------------- write
@@ -208,8 +232,11 @@ def build_metadata(*, architecture: str, d_model: int, positions: Mapping[str, P
         return {**fields, **extra}
 
     def feature_entry(f: DomainFeatures) -> dict[str, Any]:
-        return with_extra(f.extra, {K_HARMFUL_WEIGHTS: list(f.harmful_weights), K_ANCHOR_IDS: list(f.anchor_ids),
-                                    K_ANCHOR_VALUES: list(f.anchor_values), K_TAU: f.tau})
+        fields = {K_HARMFUL_WEIGHTS: list(f.harmful_weights), K_ANCHOR_IDS: list(f.anchor_ids),
+                  K_ANCHOR_VALUES: list(f.anchor_values), K_TAU: f.tau}
+        if f.blend_target != BLEND_ANCHOR:
+            fields[K_BLEND_TARGET] = f.blend_target
+        return with_extra(f.extra, fields)
 
     def domain_entry(name: str, d: DomainEntry) -> dict[str, Any]:
         fields = {K_ROLE: ROLE_SOURCE if name == source_domain else ROLE_TARGET,
@@ -218,8 +245,9 @@ def build_metadata(*, architecture: str, d_model: int, positions: Mapping[str, P
             fields[K_ADAPTED_FROM] = d.adapted_from
         return with_extra(d.extra, fields)
 
+    has_map = any(f.blend_target == BLEND_MAP for d in domains.values() for f in d.features.values())
     return {
-        K_FORMAT_VERSION: FORMAT_VERSION,
+        K_FORMAT_VERSION: FORMAT_VERSION if has_map else 1,  # older SafeDIG reads map-free packs
         K_ARCHITECTURE: architecture,
         K_D_MODEL: d_model,
         K_POSITIONS: {
@@ -242,7 +270,7 @@ def save_pack(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Map
     if path.suffix != PACK_SUFFIX:
         raise PackError(f"pack files must end in {PACK_SUFFIX}", f"rename to {path.stem}{PACK_SUFFIX}", path=path)
     meta = dict(metadata)
-    meta.setdefault(K_FORMAT_VERSION, FORMAT_VERSION)
+    meta.setdefault(K_FORMAT_VERSION, 1)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _validate(str(path), meta, {k: (_dtype_name(v.dtype, path), list(v.shape)) for k, v in tensors.items()})
     _check_values(str(path), tensors)
@@ -259,9 +287,10 @@ def save_pack(path: str | os.PathLike, metadata: Mapping[str, Any], tensors: Map
 def with_domain(pack: DictionaryPack, domain: str, entry: DomainEntry,
                 decoders: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                 position_metrics: Mapping[str, Mapping[str, float]], out: str | os.PathLike,
-                adaptation: Mapping[str, Any]) -> Path:
-    """A copy of `pack` with one more (adapted) domain: its decoder per position, its features, metrics added
-    to each position's and the adaptation appended to provenance["adaptations"]. Written by save_pack."""
+                adaptation: Mapping[str, Any], blend_maps: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """A copy of `pack` with one more (adapted) domain: its decoder (and learned Blend map, where its
+    features say "map") per position, its features, metrics added to each position's and the adaptation
+    appended to provenance["adaptations"]. Written by save_pack."""
     meta = pack.metadata
     positions = {}
     for p in pack.positions:
@@ -284,6 +313,8 @@ def with_domain(pack: DictionaryPack, domain: str, entry: DomainEntry,
     for p, (w, b) in decoders.items():
         tensors[decoder_key(domain, p, "W_dec")] = w.to(dtype)
         tensors[decoder_key(domain, p, "b_dec")] = b.to(dtype)
+    for p, mapping in (blend_maps or {}).items():
+        tensors[blend_map_key(domain, p)] = mapping.float()
     return save_pack(out, new_meta, tensors)
 
 
@@ -487,8 +518,9 @@ ROLE = Leaf(f"{ROLE_SOURCE!r} or {ROLE_TARGET!r}", lambda x: x in (ROLE_SOURCE, 
 POSITION_SCHEMA = Obj({K_D_MODEL: SIZE, K_D_SAE: SIZE, K_K: SIZE, K_SCALE: POSITIVE,
                        K_HARMFUL_IDS: ListOf(LATENT_ID, min_len=1)},
                       optional={K_METRICS: MapOf(FINITE)})
+BLEND_TARGET = Leaf(f"{BLEND_ANCHOR!r} or {BLEND_MAP!r}", lambda x: x in (BLEND_ANCHOR, BLEND_MAP))
 FEATURES_SCHEMA = Obj({K_HARMFUL_WEIGHTS: ListOf(NON_NEGATIVE), K_ANCHOR_IDS: ListOf(LATENT_ID),
-                       K_ANCHOR_VALUES: ListOf(FINITE), K_TAU: FINITE})
+                       K_ANCHOR_VALUES: ListOf(FINITE), K_TAU: FINITE}, optional={K_BLEND_TARGET: BLEND_TARGET})
 DOMAIN_SCHEMA = Obj({K_ROLE: ROLE, K_FEATURES: MapOf(FEATURES_SCHEMA)}, optional={K_ADAPTED_FROM: NAME})
 CANDIDATE_SCHEMA = Obj({K_POSITION: NAME, K_SCORE: FINITE}, others=PLAIN)
 METADATA_SCHEMA = Obj({
@@ -604,6 +636,8 @@ def _domain_problem(meta: dict[str, Any]) -> str | None:
             n_harm, d_sae = len(positions[pos][K_HARMFUL_IDS]), positions[pos][K_D_SAE]
             if len(f[K_HARMFUL_WEIGHTS]) != n_harm:
                 return f"{where}harmful_weights needs {n_harm} finite non-negative numbers (one per harmful id)"
+            if f.get(K_BLEND_TARGET) == BLEND_MAP and meta[K_FORMAT_VERSION] < 2:
+                return f"{where}blend_target 'map' needs pack format version 2, the pack says {meta[K_FORMAT_VERSION]}"
             if len(f[K_ANCHOR_IDS]) != len(f[K_ANCHOR_VALUES]) or not all(i < d_sae for i in f[K_ANCHOR_IDS]):
                 return f"{where}safe anchor ids/values must be equal-length lists of latent ids below {d_sae} " \
                        "and finite numbers"
@@ -617,9 +651,11 @@ def expected_tensor_shapes(meta: dict[str, Any]) -> dict[str, list[int]]:
         shapes[encoder_key(pos, "W_enc")] = [info[K_D_SAE], d_model]
         shapes[encoder_key(pos, "b_enc")] = [info[K_D_SAE]]
         shapes[encoder_key(pos, "b_pre")] = [d_model]
-        for domain in meta[K_DOMAINS]:
+        for domain, entry in meta[K_DOMAINS].items():
             shapes[decoder_key(domain, pos, "W_dec")] = [info[K_D_SAE], d_model]
             shapes[decoder_key(domain, pos, "b_dec")] = [d_model]
+            if entry[K_FEATURES][pos].get(K_BLEND_TARGET) == BLEND_MAP:
+                shapes[blend_map_key(domain, pos)] = [len(info[K_HARMFUL_IDS]), info[K_D_SAE]]
     return shapes
 
 

@@ -8,9 +8,9 @@ runs the architecture (docs/method.md section 1):
 
 `input.txt` is the DiT's own text input projection (ComfyUI Flux `txt_in`, MMDiT `context_embedder`,
 diffusers `context_embedder`): [batch, text tokens, d_model] like any block output, but every later
-block inherits its change. The block positions (`ModelPositions.ids`) are what collection and routing
-consider by default; the input projections are listed apart (`input_ids`), and every id of either kind
-is in `modules`, so packs, hooks and the nodes treat them alike.
+block inherits its change. The block positions are `ModelPositions.ids`, the input projections
+`input_ids`; collection and routing consider both (`candidates`), and every id of either kind is in
+`modules`, so packs, hooks and the nodes treat them alike.
 
 The pooled-text projection (ComfyUI Flux `vector_in`, MMDiT `y_embedder`, diffusers
 `time_text_embed.text_embedder`) is resolved too (`ModelPositions.pooled`, key `input.vec`) but is not a
@@ -163,8 +163,14 @@ class ModelPositions:
 
     @property
     def ids(self) -> list[str]:
-        """The block positions: what collection and routing consider when given no positions."""
+        """The block positions."""
         return [p for p in self.modules if p not in self.input_ids]
+
+    @property
+    def candidates(self) -> list[str]:
+        """What collection and routing consider when given no positions: the input projections, then the
+        block positions (the router found the text input projection the most steerable position)."""
+        return [*self.input_ids, *self.ids]
 
     def describe(self) -> str:
         counts = ", ".join(f"{n} {prefix}" for prefix, n in self.block_counts.items())

@@ -4,7 +4,9 @@ At a routed position, per token of the rows being steered:
 
     z = E(x),  g = sum_{j in H} w_j z_j,  gate open where g > tau   (soft: ramps 0 -> 1 over tau/2 .. tau)
     Repel:  x' = x - beta * s * sum_{j in H} z_j d_j
-    Blend:  z_safe = z with z_H := 0, plus the safe anchor a;  x' = x + alpha * s * (D(z_safe) - D(z))
+    Blend:  z_safe = z with z_H := 0, plus the learned target z_H M (a per-domain map, fit on matched
+            pairs: training/blend_map.py) or, in packs without one, the constant safe anchor a;
+            x' = x + alpha * s * (D(z_safe) - D(z))
     Both:   Blend, then Repel on the blended activation
 
 tau is the pack's calibrated threshold times tau_scale (or an override). With the image scope (an
@@ -219,6 +221,7 @@ class PositionWeights:
     harmful_weights: Tensor  # [m]
     anchor: Tensor  # [d_sae] dense safe anchor (zero outside the anchor ids)
     tau: float
+    blend_map: Tensor | None = None  # [m, d_sae] learned Blend target z_H -> z_H M (None: blend to the anchor)
 
     def __post_init__(self):
         # The harmful rows of the encoder, kept contiguous for the cheap gate bound.
@@ -229,6 +232,8 @@ class PositionWeights:
         self.bound_W = (self.W_enc_h / self.scale).contiguous()
         self.bound_b = self.b_enc_h - self.W_enc_h @ self.b_pre
         self.anchor_decoded = self.anchor @ self.W_dec  # D(a) - b_dec, constant per position
+        # With a map, D(z_safe) - D(z) = z_H (M W_dec - W_dec_H): one [m, d_model] matrix per domain.
+        self.blend_decoded = None if self.blend_map is None else self.blend_map @ self.W_dec - self.W_dec_h
 
 
 def gate_open_from(score: Tensor, tau: float, kind: GateKind) -> Tensor:
@@ -325,8 +330,11 @@ def _edit(xc: Tensor, z: Tensor, gate: Tensor, w: PositionWeights, params: Steer
     gate = gate.unsqueeze(-1)
     new = xc
     if params.alpha:
-        # D(z_safe) - D(z) = (a - z_H) W_dec: the decoder bias and the SAE error term cancel out.
-        blend = w.anchor_decoded - z[:, w.harmful_ids] @ w.W_dec_h
+        # D(z_safe) - D(z): the decoder bias and the SAE error term cancel out.
+        if w.blend_decoded is not None:
+            blend = z[:, w.harmful_ids] @ w.blend_decoded
+        else:
+            blend = w.anchor_decoded - z[:, w.harmful_ids] @ w.W_dec_h
         new = new + gate * params.alpha * w.scale * blend
     if params.beta:
         z_h = z[:, w.harmful_ids] if not params.alpha else _encode(new, w)[:, w.harmful_ids]

@@ -315,3 +315,37 @@ def test_pickles_renamed_to_safetensors_are_named_and_never_loaded(tmp_path):
     for path in (legacy, plain):
         with pytest.raises(PackError, match=r"is a Python pickle .*, not a safetensors file; SafeDIG never loads"):
             read_summary(path)
+
+
+def test_learned_blend_maps_round_trip_and_need_format_version_2(tmp_path):
+    from safedig_core.pack import blend_map_key
+
+    meta, tensors = random_pack("flux", 16, POSITIONS, expansion=4, k=4, seed=3, blend_maps=True)
+    assert meta["format_version"] == 2
+    pack = load_pack(save_pack(tmp_path / "m.safetensors", meta, tensors))
+    key = blend_map_key("target", "single.1.out")
+    assert torch.equal(pack.blend_map("target", "single.1.out"), tensors[key])
+    assert pack.domain_features("target", "single.1.out").blend_target == "map"
+    plain = pack.without_blend_maps()
+    assert plain.blend_map("target", "single.1.out") is None and not any(k.startswith("blend.") for k in plain.tensors)
+    assert pack.blend_map("target", "single.1.out") is not None  # the copy left the pack as it was
+    old = json.loads(json.dumps(meta))
+    old["format_version"] = 1
+    with pytest.raises(PackError, match=r"blend_target 'map' needs pack format version 2"):
+        load_pack(_write_raw(tmp_path / "v1.safetensors", old, tensors))
+    wrong = dict(tensors)
+    wrong[key] = torch.zeros(3, 64)
+    with pytest.raises(PackError, match=r"tensor 'blend\.target\.single\.1\.out\.map' has shape \[3, 64\] but the "
+                                        r"metadata implies \[4, 64\]"):
+        load_pack(_write_raw(tmp_path / "shape.safetensors", meta, wrong))
+    missing = {k: v for k, v in tensors.items() if k != key}
+    with pytest.raises(PackError, match=r"missing tensor 'blend\.target\.single\.1\.out\.map'"):
+        load_pack(_write_raw(tmp_path / "missing.safetensors", meta, missing))
+    bad = json.loads(json.dumps(meta))
+    bad["domains"]["target"]["features"]["single.1.out"]["blend_target"] = "nearest"
+    with pytest.raises(PackError, match=r"blend_target must be 'anchor' or 'map'"):
+        load_pack(_write_raw(tmp_path / "kind.safetensors", bad, tensors))
+
+
+def test_packs_without_maps_stay_format_version_1(pack_parts):
+    assert pack_parts[0]["format_version"] == 1

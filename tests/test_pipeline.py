@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack
 from safedig_core.cli import main
 from safedig_core.pack import decoder_key, encoder_key
+from safedig_core.steering_math import steer
 from safedig_core.training.collect import world_prompts
 
 from tiny_models import flux_inputs
@@ -55,7 +56,7 @@ def test_pack_round_trip_holds_every_stage_output(built):
     routing = json.loads((run / "routing.json").read_text())
     routed = [c["position"] for c in sorted(routing["candidates"], key=lambda c: c["rank"]) if c["selected"]]
     assert sorted(pack.positions) == sorted(routed) and len(routed) == 3
-    assert len(pack.metadata["routing"]["candidates"]) == 10  # every candidate, with its criteria
+    assert len(pack.metadata["routing"]["candidates"]) == 11  # every candidate (input.txt too), with its criteria
     assert all({"separability", "loso", "transfer", "timestep_cv", "score"} <= set(c)
                for c in pack.metadata["routing"]["candidates"])
     assert pack.source_domain == "hazard" and pack.domains == ["hazard", "toxic"]
@@ -166,3 +167,49 @@ def test_harmful_from_defaults_give_each_set_its_own_share():
     assert _feature_cfg(args, BUILD_PACK_HARMFUL_FROM).harmful_from == ()
     args.harmful_from, args.n_harmful = "source, target", 40
     assert _feature_cfg(args) == both.__class__(n_harmful=40, harmful_from=("source", "target"))
+
+
+def test_learned_blend_maps_move_unsafe_tokens_toward_their_matched_safe_tokens(built):
+    """Each domain's map, fit on its own pairs, brings the harmful tokens of the unsafe prompts nearer the
+    aligned tokens of their safe counterparts than the constant anchor does (on those pairs: the fit's
+    own objective, measured through the real steering code)."""
+    from safedig_core.training.blend_map import _pair_rows, align_tokens, aligns_tokens
+    from safedig_core.training.collect import ActivationSet
+
+    pack = load_pack(built / "pack.safetensors")
+    assert pack.metadata["format_version"] == 2
+    for domain, set_name in (("hazard", "source"), ("toxic", "target")):
+        aset = ActivationSet(built / "run" / "collect" / set_name)
+        mapped = [p for p in pack.positions if pack.domain_features(domain, p).blend_target == "map"]
+        assert mapped, domain
+        for pos in pack.positions:  # a position where no harmful latent fired on the pairs keeps the anchor
+            fit = pack.domain_features(domain, pos).extra["blend_fit"]
+            assert (fit["tokens"] > 0) == (pos in mapped) and (pack.blend_map(domain, pos) is None) != (pos in mapped)
+        for pos in mapped:
+            dists = {}
+            for label, p in (("map", pack), ("anchor", pack.without_blend_maps())):
+                w = SteeringDictionary(p, domain).weights(pos, torch.device("cpu"), torch.float32)
+                total, n = 0.0, 0
+                for x_u, x_s in _pair_rows(aset, pos):
+                    x_u, x_s = x_u.float(), x_s.float()
+                    j = align_tokens(x_u, x_s) if aligns_tokens(pos) else torch.arange(len(x_u))
+                    out = steer(x_u[None], w, SteeringParams(mode="blend", tau_override=0.0))[0]
+                    moved = (out != x_u).any(-1)
+                    total += float((out[moved] - x_s[j[moved]]).norm(dim=-1).sum())
+                    n += int(moved.sum())
+                dists[label] = total / max(n, 1)
+            assert n > 0 and dists["map"] < dists["anchor"], (domain, pos, dists)
+
+
+def test_text_alignment_pairs_words_around_a_swapped_phrase():
+    from safedig_core.training.blend_map import align_tokens
+
+    g = torch.Generator().manual_seed(0)
+    prefix, suffix = torch.randn(3, 8, generator=g), torch.randn(4, 8, generator=g)
+    unsafe_phrase, safe_phrase = torch.randn(4, 8, generator=g), torch.randn(2, 8, generator=g)
+    unsafe = torch.cat([prefix, unsafe_phrase, suffix])
+    safe = torch.cat([prefix, safe_phrase + 0.3 * unsafe_phrase[:2], suffix])
+    j = align_tokens(unsafe, safe)
+    assert j[:3].tolist() == [0, 1, 2] and j[-4:].tolist() == [5, 6, 7, 8]  # the suffix moved two tokens left
+    assert {3, 4} <= set(j[3:7].tolist()) <= {2, 3, 4, 5}  # the phrase maps onto the phrase (give or take an edge)
+    assert bool((j[1:] >= j[:-1]).all())

@@ -27,7 +27,8 @@ def test_flux_input_projections_in_both_backends():
     pd, pc = resolve(d), resolve(c)
     assert pd.input_ids == pc.input_ids == ("input.txt",)
     assert next(iter(pd.modules)) == next(iter(pc.modules)) == "input.txt"  # canonical order: inputs, blocks
-    assert "input.txt" not in pd.ids  # the block positions, collection's and routing's default
+    assert "input.txt" not in pd.ids  # the block positions
+    assert pd.candidates == pc.candidates == ["input.txt", *pd.ids]  # collection's and routing's default
     assert pc.modules["input.txt"] is c.txt_in and pd.modules["input.txt"] is d.context_embedder
     assert pc.pooled["input.vec"] is c.vector_in
     assert pd.pooled["input.vec"] is d.time_text_embed.text_embedder

@@ -308,3 +308,47 @@ def test_all_domains_of_a_one_domain_pack_is_that_domain():
     one, every = SteeringDictionary(pack, "violence"), SteeringDictionary(pack, ALL_DOMAINS)
     assert every.domain == "violence" and every.domains == ["violence"]
     assert every.thresholds(SteeringParams(mode="blend")) == one.thresholds(SteeringParams(mode="blend"))
+
+
+def test_blend_with_a_learned_map_moves_harmful_codes_to_their_mapped_codes():
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=4, blend_maps=True)
+    pack = DictionaryPack("mem", meta, tensors)
+    w = SteeringDictionary(pack, "target").weights(POS, torch.device("cpu"), torch.float32)
+    assert w.blend_map is not None
+    x = activations(seed=5)
+    p = SteeringParams(mode="blend", tau_override=0.0)
+    out = steer(x, w, p)
+    enc = lambda v: topk_relu((v / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)  # noqa: E731
+    z = enc(x)
+    z_h = z[..., w.harmful_ids]
+    z_safe = z.clone()
+    z_safe[..., w.harmful_ids] = 0
+    z_safe = z_safe + z_h @ w.blend_map  # the map replaces the anchor
+    expected = x + w.scale * ((z_safe - z) @ w.W_dec)
+    opened = (z_h @ w.harmful_weights > 0)[..., None]
+    assert opened.any() and (~opened).any()
+    torch.testing.assert_close(out, torch.where(opened, expected, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~opened.squeeze(-1)], x[~opened.squeeze(-1)])  # closed tokens: bitwise unchanged
+    # The same pack without its maps blends to the constant anchor instead: a different result.
+    anchored = SteeringDictionary(pack.without_blend_maps(), "target").weights(POS, torch.device("cpu"), torch.float32)
+    assert anchored.blend_map is None
+    assert not torch.allclose(steer(x, anchored, p), out)
+
+
+@pytest.mark.parametrize("gain", [1.0, 1.5, 3.0])
+def test_a_map_with_gain_at_strength_one_equals_the_map_at_that_strength(gain):
+    from safedig_core.pack import blend_map_key
+    from safedig_core.training.blend_map import with_gain
+
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=6, blend_maps=True)
+    harmful = meta["positions"][POS]["harmful_ids"]
+    gained = dict(tensors)
+    for d in ("source", "target"):
+        gained[blend_map_key(d, POS)] = with_gain(tensors[blend_map_key(d, POS)], harmful, gain)
+    x = activations(seed=7)
+    at_gain = steer(x, SteeringDictionary(DictionaryPack("mem", meta, tensors), "target").weights(
+        POS, torch.device("cpu"), torch.float32), SteeringParams(mode="blend", blend_strength=gain, tau_override=0.0))
+    at_one = steer(x, SteeringDictionary(DictionaryPack("mem", meta, gained), "target").weights(
+        POS, torch.device("cpu"), torch.float32), SteeringParams(mode="blend", tau_override=0.0))
+    assert not torch.equal(at_one, x)
+    torch.testing.assert_close(at_one, at_gain, rtol=1e-5, atol=1e-5)

@@ -27,9 +27,10 @@ import torch
 
 from .. import __version__
 from ..errors import SafeDIGError
-from ..pack import DictionaryPack, DomainEntry, DomainFeatures, load_pack, with_domain
+from ..pack import BLEND_ANCHOR, BLEND_MAP, DictionaryPack, DomainEntry, DomainFeatures, load_pack, with_domain
 from ..positions import ModelPositions, resolve
 from ..sae import SAEDecoder, TopKSAE
+from .blend_map import fit_blend_map
 from .collect import ActivationSet, PromptRecord, collect, evenly_spaced_steps, is_heldout
 from .features import FeatureConfig, domain_features
 from .generators import Generator
@@ -404,14 +405,19 @@ def adapt_pack(pack_path: Path, generator: Generator, pairs: Sequence[PromptReco
     reporter.stage("calibrate the gate", len(benign))
     zh = _calibration_cache(work, "benign", generator, benign, saes, harmful, progress=False)
     entry = _domain_entry(domain, TARGET_SET, features, {"benign": zh}, "benign", [BENIGN_SET], cfg_f)
+    maps, fits = {}, {}
+    for p, sae in saes.items():  # the learned Blend target, fit on the new domain's pairs, its own decoder
+        maps[p], fits[p] = fit_blend_map(sae, [target], p, harmful[p], w_dec=decoders[p][0])
     new = DomainEntry({p: DomainFeatures(f["harmful_weights"], f["safe_anchor_ids"], f["safe_anchor_values"],
-                                         f["tau"], {"detection_auroc": f["detection_auroc"]})
+                                         f["tau"], {"detection_auroc": f["detection_auroc"], "blend_fit": fits[p]},
+                                         blend_target=BLEND_MAP if fits[p]["tokens"] else BLEND_ANCHOR)
                        for p, f in entry["positions"].items()},
                       adapted_from=pack.source_domain, extra={"calibration": entry["calibration"]})
     position_metrics = {p: {f"fve_{domain}": m["fve_target_adapted"], f"fve_{domain}_src_dec":
                             m["fve_target_source_decoder"]} for p, m in metrics.items()}
     refuse_overwrite(out, overwrite)
-    return with_domain(pack, domain, new, decoders, position_metrics, out, adaptation={
+    return with_domain(pack, domain, new, decoders, position_metrics, out,
+                       blend_maps={p: m for p, m in maps.items() if fits[p]["tokens"]}, adaptation={
         "domain": domain, "build": "SafeDIGAdaptDictionary", "safedig_version": __version__,
         "model": generator.spec, "prompts": {"target": len(pairs), "benign": len(benign)}, "epochs": epochs,
         "pull": pull, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_seconds": round(time.time() - t0, 1)})

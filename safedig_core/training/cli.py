@@ -159,6 +159,8 @@ def _add_build_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--capture-steps", type=int, default=4)
     p.add_argument("-R", type=int, default=3)
     p.add_argument("--positions", default=None, help="comma-separated ids: route exactly these (user-chosen)")
+    p.add_argument("--steer-pairs", type=int, default=24,
+                   help="source pairs the steerability criterion patches (routing.py)")
     p.add_argument("--adapt-epochs", type=float, default=3.0)
     p.add_argument("--pull", type=float, default=AdaptConfig.pull)
     p.set_defaults(func=_build_pack, epochs=3.0)  # 3 SAE epochs keep every FVE > 0.8 and the build < 15 min
@@ -293,8 +295,10 @@ def _positions(args) -> list[str] | None:
 
 
 def format_routing(table: list[dict], top: int | None = None) -> str:
-    cols = ["position", "separability", "loso", "transfer", "timestep_cv", "score", "note"]
-    rows = [[str(c[k]) for k in cols] for c in table[:top]]
+    cols = ["position", "separability", "loso", "transfer", "timestep_cv", "robustness", "steerability", "score",
+            "note"]
+    cols = [k for k in cols if any(k in c for c in table)]
+    rows = [[str(c.get(k, "-")) for k in cols] for c in table[:top]]
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in [cols, *rows])
 
@@ -357,7 +361,11 @@ def _export(args) -> int:
 def _build_pack(args) -> int:
     from ..pack import load_pack
     from ..pack_info import format_pack
+    from ..steering_math import GateScope, Mode, SteeringParams
+    from .blend_map import choose_gain
     from .generators import BundledGenerator
+    from .pipeline import scale_blend_maps
+    from .steerability import matched_pairs
 
     info = _setup(args)
     t0 = time.time()
@@ -370,7 +378,8 @@ def _build_pack(args) -> int:
                 progress=not args.no_progress)
     dist.barrier()
     if info.is_main:
-        print(format_routing(run_route(run, "source", args.R, args.plot, _positions(args))))
+        print(format_routing(run_route(run, "source", args.R, args.plot, _positions(args), generator,
+                                       args.steer_pairs)))
     dist.barrier()
     sae_cfg = SAEConfig(expansion=args.expansion, k=args.k, epochs=args.epochs, batch_size=args.batch_size,
                         lr=args.lr, seed=seed, store_dtype=args.store_dtype)
@@ -387,6 +396,12 @@ def _build_pack(args) -> int:
                  progress=not args.no_progress)
     run_adapt(run, "toxic", "target", AdaptConfig(epochs=args.adapt_epochs, pull=args.pull, seed=seed),
               progress=not args.no_progress)
+    gain, distances = choose_gain(load_pack(run_export(run, run / "pack-before-gain.safetensors")), generator,
+                                  matched_pairs(open_set(run, "source").prompts, args.steer_pairs // 2)
+                                  + matched_pairs(open_set(run, "target").prompts, args.steer_pairs // 2),
+                                  SteeringParams(mode=Mode.BLEND, scope=GateScope.IMAGE))
+    print(f"Blend map gain {gain} (final-latent distance to the safe generations, relative: {distances})")
+    scale_blend_maps(run, gain, distances)
     wall = time.time() - t0
     path = run_export(run, args.out, {"build_pack_wall_seconds": round(wall, 1), "threads": args.threads,
                                       "seed": seed, "processes": info.world_size})

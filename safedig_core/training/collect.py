@@ -125,7 +125,7 @@ def collect(generator: Generator, prompts: Sequence[PromptRecord], out_dir: str 
 
     out = Path(out_dir)
     model_positions = ActivationCapture(generator.model).model_positions
-    positions = list(positions) if positions else model_positions.ids
+    positions = list(positions) if positions else model_positions.candidates
     bad = [s for s in capture_steps if not 0 <= s < generator.steps]
     if bad or not capture_steps:
         raise SafeDIGError(f"capture steps {list(capture_steps)} do not fit a {generator.steps}-step schedule",

@@ -5,6 +5,7 @@
     sae/{position}/           one TopK SAE per routed position + metrics (sae_training.py)
     calibration/{name}.safetensors   per-token harmful activations of full generations (features.py)
     features/{domain}.json    harmful ids/weights, safe anchor, tau, firing rates, per domain
+    features/{domain}.maps.safetensors   the learned Blend map per position (blend_map.py)
     adapt/{domain}/{position}/  target-domain decoders
     export: one pack file with both decoders and the provenance of every stage
 """
@@ -28,17 +29,21 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import SafeDIGError
 from ..pack import (
+    BLEND_ANCHOR,
+    BLEND_MAP,
     ROLE_SOURCE,
     ROLE_TARGET,
     DomainEntry,
     DomainFeatures,
     PositionInfo,
+    blend_map_key,
     build_metadata,
     decoder_key,
     encoder_key,
     save_pack,
 )
 from . import distributed as dist
+from .blend_map import fit_blend_map, with_gain
 from .collect import ActivationSet, PromptRecord
 from .features import (
     FeatureConfig,
@@ -50,8 +55,9 @@ from .features import (
     record_harmful,
 )
 from .generators import Generator, make_generator
-from .routing import CRITERIA, plot_table, route, rows_from_sets
+from .routing import CRITERIA, STEERABILITY, plot_table, route, route_steerable, rows_from_sets
 from .sae_training import AdaptConfig, SAEConfig, adapt_decoder, load_sae, train_sae
+from .steerability import MIN_GAIN, SteerabilityProbe, matched_pairs
 
 
 def _write_json(path: Path, obj) -> None:
@@ -83,18 +89,30 @@ def _log_time(run: Path, stage: str, seconds: float) -> None:
 
 
 def run_route(run: Path, set_name: str = "source", r: int = 3, plot: str | os.PathLike | None = None,
-              positions: Sequence[str] | None = None) -> list[dict]:
-    """Score every candidate and keep R under the diversity rule, or, with `positions`, keep exactly the
-    user's positions (in that order); the table keeps every candidate's scores either way."""
+              positions: Sequence[str] | None = None, generator: Generator | None = None,
+              steer_pairs: int = 24) -> list[dict]:
+    """Score every candidate and keep R under the diversity rule, or, with a generator, score steerability
+    on `steer_pairs` of the set's pairs too and keep the set chosen by joint effect (routing.py); with
+    `positions`, keep exactly the user's positions (in that order). The table keeps every candidate's
+    scores either way."""
     t0 = time.time()
     aset = open_set(run, set_name)
-    table = route(rows_from_sets(aset), r)
-    method = "pre-SAE robustness routing (diff-of-means, LOSO, timestep stability) + diversity rule"
+    extra: dict = {}
+    if generator is not None:
+        probe = SteerabilityProbe(generator, matched_pairs(aset.prompts, steer_pairs), aset.positions)
+        table, greedy = route_steerable(rows_from_sets(aset), probe, r)
+        method = ("pre-SAE routing: robustness (diff-of-means, LOSO, timestep stability) x steerability "
+                  f"(patching with the matched safe output, {len(probe.unsafe)} pairs), set chosen by joint effect")
+        extra = {"steerability": {"pairs": len(probe.unsafe), "min_gain": MIN_GAIN, "greedy": greedy}}
+    else:
+        table = route(rows_from_sets(aset), r)
+        method = "pre-SAE robustness routing (diff-of-means, LOSO, timestep stability) + diversity rule"
     if positions:
         table = user_positions(table, positions)
         method = f"user-chosen positions {list(positions)} (router scores kept for reference)"
+    criteria = [*CRITERIA, *([STEERABILITY] if generator is not None else [])]
     _write_json(Path(run) / "routing.json", {"method": method, "set": set_name, "R": r if not positions else
-                                             len(positions), "criteria": list(CRITERIA), "candidates": table,
+                                             len(positions), "criteria": criteria, "candidates": table, **extra,
                                              **({"user_positions": list(positions)} if positions else {})})
     plot_table(table, Path(run) / "routing.png", title=f"routing on '{set_name}' ({aset.architecture})")
     if plot:
@@ -208,9 +226,41 @@ def run_features(run: Path, domain: str, set_name: str, calib: Mapping[str, Sequ
     entry = _domain_entry(domain, set_name, features, checks, next(iter(calib)), negatives, cfg)
     entry.update(role=ROLE_SOURCE)
     if dist.current().is_main:
+        _fit_blend_maps(run, domain, entry, saes, aset)
         _write_json(run / "features" / f"{domain}.json", entry)
     _log_time(run, "features", time.time() - t0)
     return entry
+
+
+def _fit_blend_maps(run: Path, domain: str, entry: dict, saes: dict, pairs: ActivationSet,
+                    decoders: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The domain's learned Blend map per position, fit on its own pairs (blend_map.py), saved beside its
+    features; each position's entry records blend_target "map" and the fit."""
+    maps = {}
+    for p, sae in saes.items():
+        f = entry["positions"][p]
+        maps[p], fit = fit_blend_map(sae, [pairs], p, f["harmful_ids"], w_dec=(decoders or {}).get(p))
+        # where no harmful latent fired on the pairs there is nothing to fit: that position keeps the anchor
+        f.update(blend_target=BLEND_MAP if fit["tokens"] else BLEND_ANCHOR, blend_fit=fit)
+    path = run / "features" / f"{domain}.maps.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({p: m.contiguous() for p, m in maps.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def scale_blend_maps(run: Path, gain: float, distances: Mapping[float, float]) -> None:
+    """Apply `gain` (blend_map.choose_gain) to every domain's fitted maps in the run, and record it."""
+    for f in sorted((Path(run) / "features").glob("*.maps.safetensors")):
+        entry_path = f.with_name(f.name.replace(".maps.safetensors", ".json"))
+        entry = json.loads(entry_path.read_text())
+        maps = load_file(str(f))
+        for p, m in maps.items():
+            maps[p] = with_gain(m, entry["positions"][p]["harmful_ids"], gain)
+            entry["positions"][p]["blend_fit"].update(gain=gain, gain_distances={str(g): d for g, d in
+                                                                                  distances.items()})
+        save_file({p: m.contiguous() for p, m in maps.items()}, str(f))
+        _write_json(entry_path, entry)
 
 
 def _default_negatives(run: Path, pairs: str) -> list[str]:
@@ -244,6 +294,8 @@ def run_adapt(run: Path, domain: str, set_name: str, cfg: AdaptConfig, adapted_f
     entry.update(role=ROLE_TARGET, adapted_from=source,
                  adapt={p: {k: v for k, v in m.items() if k != "config_hash"} for p, m in adapt_metrics.items()})
     if dist.current().is_main:
+        decoders = {p: load_file(str(run / "adapt" / domain / p / "decoder.safetensors"))["W_dec"] for p in saes}
+        _fit_blend_maps(run, domain, entry, saes, aset, decoders)
         _write_json(run / "features" / f"{domain}.json", entry)
     _log_time(run, "adapt", time.time() - t0)
     return entry
@@ -305,8 +357,15 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
     for d, e in domains.items():
         feats = {p: DomainFeatures(harmful_weights=f["harmful_weights"], anchor_ids=f["safe_anchor_ids"],
                                    anchor_values=f["safe_anchor_values"], tau=f["tau"],
-                                   extra={"detection_auroc": f["detection_auroc"]})
+                                   extra={"detection_auroc": f["detection_auroc"],
+                                          **({"blend_fit": f["blend_fit"]} if "blend_fit" in f else {})},
+                                   blend_target=f.get("blend_target", "anchor"))
                  for p, f in ((p, e["positions"][p]) for p in positions)}
+        if any(f.blend_target == BLEND_MAP for f in feats.values()):
+            maps = load_file(str(run / "features" / f"{d}.maps.safetensors"))
+            for p in positions:
+                if feats[p].blend_target == BLEND_MAP:
+                    tensors[blend_map_key(d, p)] = maps[p]
         entries[d] = DomainEntry(feats, adapted_from=e["adapted_from"] if e["role"] == ROLE_TARGET else None,
                                  extra={"calibration": e["calibration"]})
     sae_cfg = json.loads((run / "sae" / positions[0] / "metrics.json").read_text())["config"]

@@ -11,7 +11,18 @@ mean over its tokens), with unsafe/safe matched pairs of the source domain:
                   of the margin survives the shift; continuous where the AUROCs saturate
     timestep_cv   coefficient of variation of the held-out d' over the captured steps (0 = equally
                   separable at every step); the score uses 1 - timestep_cv, clipped to [0, 1]
-    score         geometric mean of separability, loso, transfer and 1 - timestep_cv
+    robustness    geometric mean of separability, loso, transfer and 1 - timestep_cv
+
+With a generator (`route_steerable`), a fifth criterion says whether steering there can change the image
+at all (steerability.py: patching the position with the matched safe prompt's output, distance of the
+final latent to the safe one; no judge):
+
+    steerability  1 - |L_patched - L_safe| / |L_unsafe - L_safe|, mean over K source pairs
+    score         sqrt(robustness * steerability): a position must both separate robustly and steer
+
+and the routed positions are chosen as a SET by joint effect: the best-scoring position first, then,
+greedily, the robust enough position that raises the joint steerability most, while it gains >= MIN_GAIN
+(steerability.greedy_sets). Without a generator, score = robustness and the diversity rule below picks.
 
 The router keeps the top R under a diversity rule: at most ceil(R/2) positions per stream (img, txt,
 single-stream "both"), at most one per (block, stream), and (for R >= 2) at least one text-stream
@@ -31,6 +42,10 @@ import torch
 from ..positions import PositionParts
 
 CRITERIA = ("separability", "loso", "transfer", "timestep_cv")
+STEERABILITY = "steerability"
+# A position joins a steerable set only when its robustness is at least this (a position that steers but
+# does not separate unsafe from safe would steer benign images too).
+MIN_ROBUSTNESS = 0.3
 
 
 @dataclass
@@ -105,7 +120,8 @@ def score_position(r: PositionRows) -> dict[str, float]:
     transfer = min(1.0, max(0.0, sum(loso_d) / len(loso_d) / in_d)) if loso_d and in_d > 0 else 1.0
     parts = [sep, loso, transfer, min(1.0, max(0.0, 1.0 - t_cv))]
     score = math.prod(parts) ** (1 / len(parts))
-    return {"separability": sep, "loso": loso, "transfer": transfer, "timestep_cv": t_cv, "score": score,
+    return {"separability": sep, "loso": loso, "transfer": transfer, "timestep_cv": t_cv, "robustness": score,
+            "score": score,
             "dprime": in_d, "loso_auroc_min": min(loso_auc) if loso_auc else float("nan")}
 
 
@@ -154,15 +170,45 @@ def select(table: list[dict], r: int) -> list[dict]:
     return ranked
 
 
-def route(rows: dict[str, PositionRows], r: int = 3) -> list[dict]:
-    """The routing table: every candidate's criteria and score, routed positions marked."""
-    table = [{"position": pos, **score_position(pr)} for pos, pr in rows.items()]
+def _rounded(table: list[dict]) -> list[dict]:
     for c in table:
         for k, v in c.items():
             if isinstance(v, float):
                 # "n/a" where a figure has too few rows (a fold with one pair): packs store only finite numbers
                 c[k] = round(v, 4) if math.isfinite(v) else "n/a"
+    return table
+
+
+def _finite(v) -> float:
+    return v if isinstance(v, (int, float)) else 0.0
+
+
+def route(rows: dict[str, PositionRows], r: int = 3) -> list[dict]:
+    """The routing table: every candidate's criteria and score, routed positions marked."""
+    table = _rounded([{"position": pos, **score_position(pr)} for pos, pr in rows.items()])
     return select(table, min(r, len(table)))
+
+
+def route_steerable(rows: dict[str, PositionRows], probe, r: int = 3) -> tuple[list[dict], list[dict]]:
+    """The routing table with steerability (module doc) and the routed set chosen by joint effect;
+    returns (table sorted by score, the greedy log)."""
+    from .steerability import greedy_sets
+
+    table = _rounded([{"position": pos, **score_position(pr)} for pos, pr in rows.items()])
+    for c in table:
+        c[STEERABILITY] = probe.score([c["position"]])
+        c["score"] = round(math.sqrt(_finite(c["robustness"]) * c[STEERABILITY]), 4)
+    ranked = sorted(table, key=lambda c: (-c["score"], c["position"]))
+    by_pos = {c["position"]: c for c in ranked}
+    log = greedy_sets(probe, list(by_pos), min(r, len(ranked)), ranked[0]["position"],
+                      allowed=lambda p: _finite(by_pos[p]["robustness"]) >= MIN_ROBUSTNESS)
+    chosen = log[-1]["set"] if "set" in log[-1] else log[-2]["set"]
+    for c in ranked:
+        c["selected"] = c["position"] in chosen
+        c["rank"] = chosen.index(c["position"]) + 1 if c["selected"] else 0
+        c["note"] = ("routed (best score)" if c["rank"] == 1 else "routed (joint steerability gain)"
+                     if c["selected"] else "")
+    return ranked, log
 
 
 def rows_from_sets(aset, positions: Sequence[str] | None = None) -> dict[str, PositionRows]:
@@ -189,13 +235,15 @@ def plot_table(table: list[dict], path, title: str = "SafeDIG routing") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [*CRITERIA, "score"]
+    steer = [STEERABILITY] if any(STEERABILITY in c for c in table) else []
+    cols = [*CRITERIA, "robustness", *steer, "score"]
     rows = sorted(table, key=lambda c: -c["score"])
-    vals = [[(c[k] if c[k] is not None else float("nan")) for k in cols] for c in rows]
+    vals = [[(c[k] if isinstance(c.get(k), (int, float)) else float("nan")) for k in cols] for c in rows]
     shown = [[1 - v if k == "timestep_cv" else v for k, v in zip(cols, row, strict=True)] for row in vals]
     fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2.6, 0.32 * len(rows) + 1.4))
     ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(cols)), [*CRITERIA[:-1], "timestep_cv\n(colour: 1-cv)", "score"], fontsize=8)
+    ax.set_xticks(range(len(cols)), [*CRITERIA[:-1], "timestep_cv\n(colour: 1-cv)", *cols[len(CRITERIA):]],
+                  fontsize=8)
     ax.set_yticks(range(len(rows)), [("* " if c["selected"] else "") + c["position"] for c in rows], fontsize=8)
     for i, row in enumerate(vals):
         for j, v in enumerate(row):
