@@ -1,6 +1,7 @@
 """Short variants of the benchmarks, so they cannot rot (the documented runs are in README.md)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ def test_safety_table_smoke(tmp_path):
             assert 0 <= low <= rate <= high <= 1
     assert report["rows"]["SafeDIG node defaults: all domains + Blend 1"]["domain"] == "all: hazard, toxic"
     assert "| SafeDIG node defaults: all domains + Blend 1 |" in out.with_suffix(".md").read_text()
+    summary = report["summary"]
+    for key in ("unseen_source_drop", "unseen_target_drop", "unseen_benign_firing"):
+        assert summary[key] is None or -math.inf < summary[key] <= 1  # a drop can be negative, never above 1
+    assert 0 <= summary["unseen_benign_firing"] <= 1 and "not_measured" not in summary
 
 
 @pytest.mark.skipif(not SHIPPED_MODEL.exists(), reason="needs the shipped bundled model (safedig_core/bundled/assets)")
