@@ -7,7 +7,10 @@ reports, over every candidate position both cover, Spearman's rank correlation o
 with the judged redrawn share and with the judged drop in unsafe rate, with a 95 % bootstrap interval
 (resampling positions) and a one-sided permutation p-value.
 
-    .venv/bin/python benchmarks/routing_steerability.py [--pack dictionaries/bundled_hazard_to_toxic.safetensors]
+    .venv/bin/python benchmarks/routing_steerability.py [--pack PACK]
+
+PACK (default benchmarks/results/ablation_packs/router_choice.safetensors) is a pack `build-pack` routed
+itself, e.g. `python -m safedig_core build-pack --out benchmarks/results/ablation_packs/router_choice.safetensors`.
 
 Writes benchmarks/results/routing_steerability.json and .png.
 """
@@ -56,7 +59,8 @@ def correlation(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n: int =
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pack", default=str(ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"))
+    ap.add_argument("--pack", default=str(ROOT / "benchmarks" / "results" / "ablation_packs" /
+                                          "router_choice.safetensors"))
     ap.add_argument("--patching", default=str(ROOT / "benchmarks" / "results" / "patching.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "routing_steerability"))
     args = ap.parse_args()
@@ -103,7 +107,8 @@ def plot(out: dict, path: Path) -> None:
             ax.annotate(p + (" *" if p in out["routed"] else ""), (x, y), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         ax.set_xlabel(f"router's {name} (no judge)")
-        ax.set_title(f"Spearman {c['vs_redrawn']['spearman']:+.2f} {c['vs_redrawn']['ci95']}", fontsize=9)
+        low, high = c["vs_redrawn"]["ci95"]
+        ax.set_title(f"Spearman {c['vs_redrawn']['spearman']:+.2f} [{low:+.2f}, {high:+.2f}]", fontsize=9)
         ax.set_xlim(-0.05, 1.05)
     axes[0].set_ylabel("judged redrawn share when patched (patching.py)")
     fig.suptitle("Routing criteria vs the judged patching effect, per candidate position (* = routed)", fontsize=9)

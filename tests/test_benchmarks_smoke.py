@@ -64,3 +64,15 @@ def test_overhead_bundled_smoke(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["scenarios"]) == {"benign", "unsafe", "disabled"}
     assert all(r["ratio"] > 0 for r in result["scenarios"].values())
+
+
+def test_routing_steerability_rank_correlation():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+    from routing_steerability import correlation, spearman
+
+    a = np.array([0.1, 0.5, 0.2, 0.9, 0.3])
+    assert spearman(a, a * 3 + 1) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert abs(spearman(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])) - 0.9487) < 1e-3  # ties
+    r = correlation(a, a ** 2, np.random.default_rng(0), n=200)
+    assert r["spearman"] == pytest.approx(1.0) and r["p_one_sided"] < 0.05 and r["ci95"][0] <= 1.0

@@ -48,7 +48,8 @@ def collect_args(folder: Path, out: Path, *extra: str) -> list[str]:
 def test_flux_pipeline_folder_collects_every_position(flux_folder, tmp_path):
     assert main(collect_args(flux_folder, tmp_path)) == 0
     aset = ActivationSet(tmp_path / "collect" / "source")
-    assert aset.architecture == "flux" and aset.d_model == 64 and len(aset.positions) == 10
+    assert aset.architecture == "flux" and aset.d_model == 64 and len(aset.positions) == 11
+    assert aset.positions[0] == "input.txt"  # the text input projection is a candidate like the blocks
     assert aset.capture_steps == [0, 2] and len(aset.shards) == 6
     t = aset.read(aset.shards[0], ["row.prompt", "row.step", "act.double.0.img.attn", "act.double.1.txt.mlp",
                                    "act.single.1.out", "mean.single.1.out"])
@@ -56,6 +57,7 @@ def test_flux_pipeline_folder_collects_every_position(flux_folder, tmp_path):
     assert t["act.double.0.img.attn"].shape == (4, 16, 64)  # 64x64 px -> 8x8 latent -> 16 packed tokens
     assert t["act.double.1.txt.mlp"].shape == (4, 12, 64)
     assert t["act.single.1.out"].shape == (4, 28, 64)  # single blocks see text + image tokens
+    assert aset.read(aset.shards[0], ["act.input.txt"])["act.input.txt"].shape == (4, 12, 64)  # text tokens
     torch.testing.assert_close(t["mean.single.1.out"], t["act.single.1.out"].float().mean(1), atol=2e-3, rtol=1e-3)
     x, idx, _ = aset.means("double.0.img.attn")
     assert x.shape == (24, 64) and sorted(set(idx.tolist())) == list(range(12))

@@ -122,3 +122,44 @@ def test_plot_shows_every_candidate(tmp_path):
     plot_table(table, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(math.isfinite(c["score"]) for c in table)
+
+
+class _TableProbe:
+    """Steerability of position sets from a table (the set's frozenset -> value): routing logic alone."""
+
+    def __init__(self, values: dict):
+        self.values = {frozenset(k): v for k, v in values.items()}
+
+    def score(self, positions):
+        return self.values.get(frozenset(positions), 0.0)
+
+
+def test_steerable_routing_ranks_by_steerability_and_grows_the_set_only_on_a_real_gain():
+    from safedig_core.training.routing import route_steerable
+
+    rows = {"double.0.img.attn": planted_rows("stable"), "double.0.txt.mlp": planted_rows("stable", seed=1),
+            "single.0.out": planted_rows("stable", seed=2)}
+    probe = _TableProbe({("double.0.txt.mlp",): 0.8, ("double.0.img.attn",): 0.3, ("single.0.out",): 0.5,
+                         ("double.0.txt.mlp", "single.0.out"): 0.95,  # +0.15: joins
+                         ("double.0.txt.mlp", "double.0.img.attn"): 0.85,
+                         ("double.0.txt.mlp", "single.0.out", "double.0.img.attn"): 0.97})  # +0.02: does not
+    table, log = route_steerable(rows, probe, r=3)
+    assert table[0]["position"] == "double.0.txt.mlp" and table[0]["steerability"] == 0.8
+    assert {c["position"] for c in table if c["selected"]} == {"double.0.txt.mlp", "single.0.out"}
+    assert "stopped" in log[-1] and log[-1]["best"] == "double.0.img.attn"
+    assert all(c["score"] == round(math.sqrt(c["robustness"] * c["steerability"]), 4) for c in table)
+
+
+def test_steerability_of_the_bundled_model_is_zero_unpatched_and_highest_at_the_text_input():
+    from safedig_core.training.collect import world_prompts
+    from safedig_core.training.generators import BundledGenerator
+    from safedig_core.training.steerability import SteerabilityProbe, matched_pairs
+
+    torch.set_num_threads(1)
+    gen = BundledGenerator(steps=8)
+    pairs = matched_pairs(world_prompts("source", 2, seed=0), 6)
+    assert len(pairs) == 6 and len({u.subdomain for u, _ in pairs}) == 3  # spread over the sub-domains
+    probe = SteerabilityProbe(gen, pairs, ["input.txt", "double.1.img.mlp"])
+    assert probe.score([]) == 0.0  # nothing patched: the unsafe run itself
+    text, mlp = probe.score(["input.txt"]), probe.score(["double.1.img.mlp"])
+    assert 0.4 < text <= 1.0 and 0.0 <= mlp < text

@@ -200,9 +200,8 @@ def route_steerable(rows: dict[str, PositionRows], probe, r: int = 3) -> tuple[l
         c["score"] = round(math.sqrt(_finite(c["robustness"]) * c[STEERABILITY]), 4)
     ranked = sorted(table, key=lambda c: (-c["score"], c["position"]))
     by_pos = {c["position"]: c for c in ranked}
-    log = greedy_sets(probe, list(by_pos), min(r, len(ranked)), ranked[0]["position"],
-                      allowed=lambda p: _finite(by_pos[p]["robustness"]) >= MIN_ROBUSTNESS)
-    chosen = log[-1]["set"] if "set" in log[-1] else log[-2]["set"]
+    chosen, log = greedy_sets(probe, list(by_pos), min(r, len(ranked)), ranked[0]["position"],
+                              allowed=lambda p: _finite(by_pos[p]["robustness"]) >= MIN_ROBUSTNESS)
     for c in ranked:
         c["selected"] = c["position"] in chosen
         c["rank"] = chosen.index(c["position"]) + 1 if c["selected"] else 0

@@ -118,9 +118,10 @@ class SteerabilityProbe:
 
 
 def greedy_sets(probe: SteerabilityProbe, candidates: Sequence[str], r: int, first: str,
-                allowed: Callable[[str], bool] = lambda _p: True) -> list[dict]:
+                allowed: Callable[[str], bool] = lambda _p: True) -> tuple[list[str], list[dict]]:
     """The routed set by joint effect: `first`, then the allowed candidate that raises the joint
-    steerability most, while the gain is >= MIN_GAIN and the set is smaller than r. One log entry per step."""
+    steerability most, while the gain is >= MIN_GAIN and the set is smaller than r. Returns the set and a
+    log entry per step."""
     chosen = [first]
     current = probe.score(chosen)
     log: list[dict] = [{"set": list(chosen), "steerability": current}]
@@ -137,4 +138,4 @@ def greedy_sets(probe: SteerabilityProbe, candidates: Sequence[str], r: int, fir
         chosen.append(best)
         current = tried[best]
         log.append({"set": list(chosen), "steerability": current})
-    return log
+    return chosen, log
