@@ -37,7 +37,7 @@ SHIPPED_PACK = "bundled_hazard_to_toxic.safetensors"
 SHIPPED_WEIGHTS = "bundled_flux.safetensors"
 PACK_DIR = ROOT / "dictionaries"
 WEIGHTS_DIR = ROOT / "safedig_core" / "bundled" / "assets"
-BUILD_PACK = ".venv/bin/python -m safedig_core build-pack --positions single.0.out"
+BUILD_PACK = ".venv/bin/python -m safedig_core build-pack --positions single.0.out --blend-target anchor"
 BUILD_MODEL = ".venv/bin/python -m safedig_core build-bundled --install"
 MODES = ["Off", "Blend", "Repel", "Both"]
 # Rows: three source-domain (hazard) concepts, one target-domain (toxic) concept, two benign ones.

@@ -59,7 +59,7 @@ shopt -u nullglob
 if ((${#packs[@]})); then
   echo "[run] shipped packs: ${packs[*]#"$ROOT"/}"
 else
-  echo "[run] no shipped pack in dictionaries/ yet: build it with '.venv/bin/python -m safedig_core build-pack --positions single.0.out'" >&2
+  echo "[run] no shipped pack in dictionaries/ yet: build it with '.venv/bin/python -m safedig_core build-pack --positions single.0.out --blend-target anchor'" >&2
 fi
 
 DEVICE_ARGS=()

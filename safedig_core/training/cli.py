@@ -161,6 +161,9 @@ def _add_build_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", default=None, help="comma-separated ids: route exactly these (user-chosen)")
     p.add_argument("--steer-pairs", type=int, default=24,
                    help="source pairs the steerability criterion patches (routing.py)")
+    p.add_argument("--blend-target", choices=("map", "anchor"), default="map",
+                   help="what Blend moves harmful codes to: the learned map (default) or the constant anchor "
+                        "(how the shipped pack was built)")
     p.add_argument("--adapt-epochs", type=float, default=3.0)
     p.add_argument("--pull", type=float, default=AdaptConfig.pull)
     p.set_defaults(func=_build_pack, epochs=3.0)  # 3 SAE epochs keep every FVE > 0.8 and the build < 15 min
@@ -364,7 +367,7 @@ def _build_pack(args) -> int:
     from ..steering_math import GateScope, Mode, SteeringParams
     from .blend_map import choose_gain
     from .generators import BundledGenerator
-    from .pipeline import scale_blend_maps
+    from .pipeline import blend_to_anchor, scale_blend_maps
     from .steerability import matched_pairs
 
     info = _setup(args)
@@ -396,12 +399,15 @@ def _build_pack(args) -> int:
                  progress=not args.no_progress)
     run_adapt(run, "toxic", "target", AdaptConfig(epochs=args.adapt_epochs, pull=args.pull, seed=seed),
               progress=not args.no_progress)
-    gain, distances = choose_gain(load_pack(run_export(run, run / "pack-before-gain.safetensors")), generator,
-                                  matched_pairs(open_set(run, "source").prompts, args.steer_pairs // 2)
-                                  + matched_pairs(open_set(run, "target").prompts, args.steer_pairs // 2),
-                                  SteeringParams(mode=Mode.BLEND, scope=GateScope.IMAGE))
-    print(f"Blend map gain {gain} (final-latent distance to the safe generations, relative: {distances})")
-    scale_blend_maps(run, gain, distances)
+    if args.blend_target == "anchor":
+        blend_to_anchor(run)
+    else:
+        gain, distances = choose_gain(load_pack(run_export(run, run / "pack-before-gain.safetensors")), generator,
+                                      matched_pairs(open_set(run, "source").prompts, args.steer_pairs // 2)
+                                      + matched_pairs(open_set(run, "target").prompts, args.steer_pairs // 2),
+                                      SteeringParams(mode=Mode.BLEND, scope=GateScope.IMAGE))
+        print(f"Blend map gain {gain} (final-latent distance to the safe generations, relative: {distances})")
+        scale_blend_maps(run, gain, distances)
     wall = time.time() - t0
     path = run_export(run, args.out, {"build_pack_wall_seconds": round(wall, 1), "threads": args.threads,
                                       "seed": seed, "processes": info.world_size})

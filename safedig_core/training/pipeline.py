@@ -263,6 +263,16 @@ def scale_blend_maps(run: Path, gain: float, distances: Mapping[float, float]) -
         _write_json(entry_path, entry)
 
 
+def blend_to_anchor(run: Path) -> None:
+    """Make every domain of the run blend to its constant anchor (the learned maps stay in the run, unused):
+    `build-pack --blend-target anchor`, how the 2026-11 shipped pack was built."""
+    for f in sorted((Path(run) / "features").glob("*.json")):
+        entry = json.loads(f.read_text())
+        for pos in entry["positions"].values():
+            pos["blend_target"] = BLEND_ANCHOR
+        _write_json(f, entry)
+
+
 def _default_negatives(run: Path, pairs: str) -> list[str]:
     return ["benign"] if pairs != "benign" and (run / "collect" / "benign" / "manifest.json").exists() else []
 
