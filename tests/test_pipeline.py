@@ -213,3 +213,18 @@ def test_text_alignment_pairs_words_around_a_swapped_phrase():
     assert j[:3].tolist() == [0, 1, 2] and j[-4:].tolist() == [5, 6, 7, 8]  # the suffix moved two tokens left
     assert {3, 4} <= set(j[3:7].tolist()) <= {2, 3, 4, 5}  # the phrase maps onto the phrase (give or take an edge)
     assert bool((j[1:] >= j[:-1]).all())
+
+
+def test_blend_to_anchor_exports_a_map_free_version_1_pack(built, tmp_path):
+    import shutil
+
+    from safedig_core.training.pipeline import blend_to_anchor, run_export
+
+    run = tmp_path / "run"
+    shutil.copytree(built / "run", run, symlinks=True)
+    blend_to_anchor(run)
+    pack = load_pack(run_export(run, tmp_path / "anchor.safetensors"))
+    assert pack.metadata["format_version"] == 1 and not any(k.startswith("blend.") for k in pack.tensors)
+    assert all(pack.blend_map(d, p) is None for d in pack.domains for p in pack.positions)
+    mapped = load_pack(built / "pack.safetensors")
+    assert {k: v for k, v in mapped.tensors.items() if not k.startswith("blend.")}.keys() == pack.tensors.keys()
