@@ -27,6 +27,14 @@ def _num(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _blend(pack: DictionaryPack, domain: str, position: str) -> str:
+    """'anchor', or 'map' with its fit (gain, decoded R^2) where the pack records one."""
+    f = pack.domain_features(domain, position)
+    fit = f.extra.get("blend_fit") or {}
+    details = ",".join(f"{k}={_num(fit[k])}" for k in ("gain", "decoded_r2") if k in fit)
+    return f.blend_target + (f"({details})" if f.blend_target == "map" and details else "")
+
+
 def format_pack(pack: DictionaryPack) -> str:
     m = pack.metadata
     out = [
@@ -42,9 +50,10 @@ def format_pack(pack: DictionaryPack) -> str:
     for pos in pack.positions:
         info = pack.position_info(pos)
         taus = " ".join(f"{d}={pack.domain_features(d, pos).tau:.3g}" for d in pack.domains)
+        blends = " ".join(f"{d}={_blend(pack, d, pos)}" for d in pack.domains)
         metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(info.metrics.items()))
-        rows.append([pos, info.d_sae, info.k, f"{info.scale:.4g}", len(info.harmful_ids), taus, metrics])
-    out.append(_table(rows, ["position", "d_sae", "k", "scale", "|H|", "tau", "metrics"]))
+        rows.append([pos, info.d_sae, info.k, f"{info.scale:.4g}", len(info.harmful_ids), taus, blends, metrics])
+    out.append(_table(rows, ["position", "d_sae", "k", "scale", "|H|", "tau", "blend target", "metrics"]))
     candidates = m[K_ROUTING][K_CANDIDATES]
     if candidates:
         keys = sorted({k for c in candidates for k in c} - {"position"})
