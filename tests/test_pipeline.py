@@ -89,6 +89,7 @@ def test_inspect_shows_fve_per_position(built, capsys):
     for pos in load_pack(built / "pack.safetensors").positions:
         line = next(line for line in out.splitlines() if line.startswith(pos))
         assert "fve=" in line and "l0=" in line and "dead_fraction=" in line
+        assert "hazard=map(" in line or "hazard=anchor" in line  # the Blend target of each domain
 
 
 def test_exported_pack_steers_the_model_it_was_trained_on(built):
