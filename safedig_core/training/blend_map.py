@@ -93,37 +93,43 @@ def fit_blend_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, ha
     domain's decoder; default the SAE's own) -- 1 = the safe token's reconstruction exactly."""
     h = torch.tensor(list(harmful_ids), dtype=torch.long)
     m, d_sae = len(h), sae.d_sae
+    w = (sae.decoder.W_dec if w_dec is None else w_dec).double()
+    # Sufficient statistics only (memory O(|H| d_sae), whatever the number of tokens): the normal equations,
+    # and, for the decoded R^2, the decoded targets' cross term, sum, and sum of squares.
     gram = torch.zeros(m, m, dtype=torch.float64)
     cross = torch.zeros(m, d_sae, dtype=torch.float64)
-    kept: list[tuple[Tensor, Tensor]] = []
+    cross_dec = torch.zeros(m, w.shape[1], dtype=torch.float64)
+    want_sum = torch.zeros(w.shape[1], dtype=torch.float64)
+    want_sq, n_tokens = 0.0, 0
     align = aligns_tokens(position)
     for aset in sets:
         for x_u, x_s in _pair_rows(aset, position):
             x_u, x_s = x_u.float(), x_s.float()
             z_u = sae.encode(x_u)
-            z_h = z_u[:, h]
-            active = z_h.sum(-1) > 0
+            active = z_u[:, h].sum(-1) > 0
             if not active.any():
                 continue
             j = align_tokens(x_u, x_s) if align else torch.arange(len(x_u)).clamp(max=len(x_s) - 1)
-            z_s = sae.encode(x_s[j[active]])
+            z_h = z_u[active][:, h].double()
             rest = z_u[active].clone()
             rest[:, h] = 0
-            target = (z_s - rest).double()
-            gram += z_h[active].double().T @ z_h[active].double()
-            cross += z_h[active].double().T @ target
-            kept.append((z_h[active], target.float()))
-    n_tokens = sum(len(z) for z, _ in kept)
+            target = (sae.encode(x_s[j[active]]) - rest).double()
+            want = target @ w
+            gram += z_h.T @ z_h
+            cross += z_h.T @ target
+            cross_dec += z_h.T @ want
+            want_sum += want.sum(0)
+            want_sq += float(want.pow(2).sum())
+            n_tokens += len(z_h)
     if n_tokens == 0:
         return torch.zeros(m, d_sae), {"tokens": 0, "decoded_r2": 0.0}
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    mapping = torch.linalg.solve(gram + lam * torch.eye(m, dtype=torch.float64), cross).float()
-    w_dec = (sae.decoder.W_dec if w_dec is None else w_dec).float()
-    z_all = torch.cat([z for z, _ in kept])
-    want = torch.cat([t for _, t in kept]) @ w_dec
-    got = (z_all @ mapping) @ w_dec
-    r2 = 1.0 - float((want - got).pow(2).sum() / (want - want.mean(0)).pow(2).sum().clamp_min(1e-12))
-    return mapping, {"tokens": n_tokens, "decoded_r2": round(r2, 4)}
+    mapping = torch.linalg.solve(gram + lam * torch.eye(m, dtype=torch.float64), cross)
+    decoded = mapping @ w  # P = M W: got = z_H P, so SSE = sum|want|^2 - 2 tr(P^T C) + tr(P^T G P)
+    sse = want_sq - 2 * float((decoded * cross_dec).sum()) + float((decoded * (gram @ decoded)).sum())
+    total = want_sq - float(want_sum.pow(2).sum()) / n_tokens
+    r2 = 1.0 - sse / max(total, 1e-12)
+    return mapping.float(), {"tokens": n_tokens, "decoded_r2": round(r2, 4)}
 
 
 # Gains `choose_gain` tries: the ridge fit is the L2-best move on the fit tokens, but a partial move of
