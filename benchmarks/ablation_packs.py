@@ -3,8 +3,6 @@ activations, but with the routing replaced.
 
     fixed_position     one hand-picked position, no routing: the middle double block's image attention
     random_positions   R positions drawn at random (seeded) from every candidate, no routing
-    handpicked_single0 single.0.out, the position the 2026-11 pack shipped with, picked by hand from
-                       activation patching (before the router measured steerability)
 
     .venv/bin/python benchmarks/ablation_packs.py --run runs/build-pack    # after build-pack
 Writes benchmarks/results/ablation_packs/{kind}.safetensors (regenerable, not
@@ -36,8 +34,6 @@ OUT = ROOT / "benchmarks" / "results" / "ablation_packs"
 
 
 def choose(kind: str, candidates: list[str], r: int, seed: int) -> list[str]:
-    if kind == "handpicked_single0":
-        return ["single.0.out"]
     if kind == "fixed_position":
         doubles = sorted({int(p.split(".")[1]) for p in candidates if p.startswith("double.")})
         return [f"double.{doubles[len(doubles) // 2]}.img.attn"]
@@ -78,7 +74,7 @@ def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=str(ROOT / "runs" / "build-pack"), help="the build-pack run folder")
-    ap.add_argument("--kinds", default="fixed_position,random_positions,handpicked_single0")
+    ap.add_argument("--kinds", default="fixed_position,random_positions")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-R", type=int, default=3)
     args = ap.parse_args()
