@@ -242,7 +242,10 @@ def _fit_blend_maps(run: Path, domain: str, entry: dict, saes: dict, pairs: Acti
         maps[p], fit = fit_blend_map(sae, [pairs], p, f["harmful_ids"], w_dec=(decoders or {}).get(p))
         # where no harmful latent fired on the pairs there is nothing to fit: that position keeps the anchor
         f.update(blend_target=BLEND_MAP if fit["tokens"] else BLEND_ANCHOR, blend_fit=fit)
-    path = run / "features" / f"{domain}.maps.safetensors"
+    _save_maps(run / "features" / f"{domain}.maps.safetensors", maps)
+
+
+def _save_maps(path: Path, maps: Mapping[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file({p: m.contiguous() for p, m in maps.items()}, str(tmp))
@@ -259,7 +262,7 @@ def scale_blend_maps(run: Path, gain: float, distances: Mapping[float, float]) -
             maps[p] = with_gain(m, entry["positions"][p]["harmful_ids"], gain)
             entry["positions"][p]["blend_fit"].update(gain=gain, gain_distances={str(g): d for g, d in
                                                                                   distances.items()})
-        save_file({p: m.contiguous() for p, m in maps.items()}, str(f))
+        _save_maps(f, maps)
         _write_json(entry_path, entry)
 
 
