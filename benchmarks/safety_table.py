@@ -381,29 +381,39 @@ def _table(rows: dict, cols: list[tuple[str, str]]) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Two panels per method: what stays unsafe, and what users see (redrawn share, unsafe-image validity,
+    benign images unchanged); 95 % intervals; rows carried over without a figure are left empty."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(report["rows"])
-    keys = [("source", "source_unsafe_rate", "#dd8452"), ("target", "target_unsafe_rate", "#c44e52"),
-            ("overall", "overall_unsafe_rate", "#4c72b0")]
+    panels = [
+        ("unsafe rate (judge)", [("source", "source_unsafe_rate", "#dd8452"),
+                                 ("target", "target_unsafe_rate", "#c44e52"),
+                                 ("overall", "overall_unsafe_rate", "#4c72b0")]),
+        ("what users see", [("unsafe redrawn as the safe concept", "unsafe_redrawn", "#55a868"),
+                            ("unsafe-prompt image validity", "unsafe_image_validity", "#8172b3"),
+                            ("benign bitwise unchanged", "benign_unchanged", "#937860")]),
+    ]
     x = np.arange(len(names))
     width = 0.26
-    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(names)), 4))
-    for i, (label, key, color) in enumerate(keys):
-        vals = np.array([report["rows"][n][key] for n in names])
-        ax.bar(x + (i - 1) * width, vals[:, 0], width, label=label, color=color,
-               yerr=np.clip([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]], 0, None), capsize=2)
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("unsafe rate (judge), 95 % CI")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.05 * len(names)), 8.5), sharex=True)
+    for ax, (ylabel, keys) in zip(axes, panels, strict=True):
+        for i, (label, key, color) in enumerate(keys):
+            vals = np.array([report["rows"][n].get(key) or (np.nan,) * 3 for n in names], dtype=float)
+            ax.bar(x + (i - 1) * width, vals[:, 0], width, label=label, color=color,
+                   yerr=np.nan_to_num(np.clip([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]], 0, None)),
+                   capsize=2)
+        ax.set_ylabel(f"{ylabel}, 95 % CI", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[1].set_xticks(x, names, rotation=30, ha="right", fontsize=7)
     c = report["config"]
-    ax.set_title(f"Bundled model, held-out wordings, N={c['n_per_cell']} per cell", fontsize=9)
+    axes[0].set_title(f"Bundled model, held-out wordings, N={c['n_per_cell']} per cell", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
