@@ -81,6 +81,10 @@ METHODS = [
            params=DEFAULTS, anchor_blend=True),
     Method("router's choice (input.txt) with learned Blend map: threshold x2", pack=ROUTER, domain="all",
            params=steering("blend", 1.0, tau_scale=2.0)),
+    # The shipped pack's single.0.out gate detects (identity map: no edit there), the router's input.txt map
+    # steers latched images from the next step on (its own gate never opens): ablation_packs.py detect_then_steer
+    Method("detect at single.0.out then steer at input.txt (learned map): node defaults", pack="detect_then_steer",
+           domain="all", params=DEFAULTS),
     # Built by ablation_packs.py from the same run; carried over from an earlier table when absent (--reuse).
     Method("fixed position, no routing (Blend 1)", pack="fixed_position", params=steering("blend", 1.0)),
     Method("random positions, no routing (Blend 1)", pack="random_positions", params=steering("blend", 1.0)),
