@@ -152,17 +152,11 @@ def choose_gain(pack, generator, pairs: Sequence, params, gains: Sequence[float]
     distance, mean over pairs; no judge). Returns (gain, {gain: distance relative to unsteered})."""
     from ..hooks import ALL_DOMAINS, SteeringDictionary, SteeringHooks
     from ..pack import DictionaryPack, blend_map_key
+    from .steerability import distance, final_latents
 
-    unsafe, safe = [u for u, _ in pairs], [s for _, s in pairs]
-
-    def run(prompts, hooks=None):
-        if hooks is None:
-            return generator.run([p.text for p in prompts], [p.seed for p in prompts], lambda _i: None).float()
-        with hooks:
-            return generator.run([p.text for p in prompts], [p.seed for p in prompts], lambda _i: None).float()
-
-    target = run(safe)
-    base = (run(unsafe) - target).flatten(1).norm(dim=1)
+    unsafe = [u for u, _ in pairs]
+    target = final_latents(generator, [s for _, s in pairs])
+    base = distance(final_latents(generator, unsafe), target).clamp_min(1e-8)
     rows = torch.zeros(2 * len(unsafe) if generator.cond_rows(2) != slice(None) else len(unsafe), dtype=torch.bool)
     rows[generator.cond_rows(len(rows))] = True
     scores = {}
@@ -174,6 +168,7 @@ def choose_gain(pack, generator, pairs: Sequence, params, gains: Sequence[float]
                 if m is not None:
                     tensors[blend_map_key(d, p)] = with_gain(m, pack.position_info(p).harmful_ids, g)
         variant = SteeringDictionary(DictionaryPack(pack.path, pack.metadata, tensors), ALL_DOMAINS)
-        latent = run(unsafe, SteeringHooks(generator.model, variant, params, row_mask=rows))
-        scores[g] = round(float(((latent - target).flatten(1).norm(dim=1) / base.clamp_min(1e-8)).mean()), 4)
+        with SteeringHooks(generator.model, variant, params, row_mask=rows):
+            latent = final_latents(generator, unsafe)
+        scores[g] = round(float((distance(latent, target) / base).mean()), 4)
     return min(scores, key=lambda g: (scores[g], g)), scores

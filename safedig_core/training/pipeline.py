@@ -42,6 +42,7 @@ from ..pack import (
     encoder_key,
     save_pack,
 )
+from ..sae import SAEDecoder
 from . import distributed as dist
 from .blend_map import fit_blend_map, with_gain
 from .collect import ActivationSet, PromptRecord
@@ -298,16 +299,17 @@ def run_adapt(run: Path, domain: str, set_name: str, cfg: AdaptConfig, adapted_f
     neg_sets = [open_set(run, n) for n in src["negatives"]]
     store = json.loads((run / "sae" / next(iter(saes)) / "metrics.json").read_text())["config"]["store_dtype"]
     cfg = replace(cfg, store_dtype=store)  # target decoders are stored like the source ones
-    features, adapt_metrics = {}, {}
+    features, adapt_metrics, decoders = {}, {}, {}
     for p, sae in saes.items():
         features[p] = domain_features(sae, aset, neg_sets, p, src["positions"][p]["harmful_ids"], cfg_f)
-        _, adapt_metrics[p] = adapt_decoder(sae, [aset], p, cfg, run / "adapt" / domain / p, progress=progress)
+        decoder, adapt_metrics[p] = adapt_decoder(sae, [aset], p, cfg, run / "adapt" / domain / p, progress=progress)
+        assert isinstance(decoder, SAEDecoder)
+        decoders[p] = decoder.W_dec.detach()  # rounded to its store dtype: what the export reads back
     checks = {n: _load_cache(run, n, saes) for n in src["checks"]}
     entry = _domain_entry(domain, set_name, features, checks, src["checks"][0], src["negatives"], cfg_f)
     entry.update(role=ROLE_TARGET, adapted_from=source,
                  adapt={p: {k: v for k, v in m.items() if k != "config_hash"} for p, m in adapt_metrics.items()})
     if dist.current().is_main:
-        decoders = {p: load_file(str(run / "adapt" / domain / p / "decoder.safetensors"))["W_dec"] for p in saes}
         _fit_blend_maps(run, domain, entry, saes, aset, decoders)
         _write_json(run / "features" / f"{domain}.json", entry)
     _log_time(run, "adapt", time.time() - t0)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..positions import PositionParts
+from .steerability import greedy_sets
 
 CRITERIA = ("separability", "loso", "transfer", "timestep_cv")
 STEERABILITY = "steerability"
@@ -192,8 +193,6 @@ def route(rows: dict[str, PositionRows], r: int = 3) -> list[dict]:
 def route_steerable(rows: dict[str, PositionRows], probe, r: int = 3) -> tuple[list[dict], list[dict]]:
     """The routing table with steerability (module doc) and the routed set chosen by joint effect;
     returns (table sorted by score, the greedy log)."""
-    from .steerability import greedy_sets
-
     table = _rounded([{"position": pos, **score_position(pr)} for pos, pr in rows.items()])
     for c in table:
         c[STEERABILITY] = probe.score([c["position"]])

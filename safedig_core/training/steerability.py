@@ -62,14 +62,25 @@ def forward_hooks(modules: dict[str, torch.nn.Module], make_hook: Callable[[str]
             h.remove()
 
 
+@torch.no_grad()
+def final_latents(generator: Generator, prompts: Sequence[PromptRecord]) -> torch.Tensor:
+    """The final latents of `prompts` (each from its own seed), float32 on the CPU."""
+    return generator.run([p.text for p in prompts], [p.seed for p in prompts], lambda _i: None).float().cpu()
+
+
+def distance(latent: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-generation L2 distance of two batches of final latents [N]."""
+    return (latent - reference).flatten(1).norm(dim=1)
+
+
 class SteerabilityProbe:
     """Runs the safe prompts once (recording every candidate's prompt rows), then scores position sets."""
 
     def __init__(self, generator: Generator, pairs: Sequence[tuple[PromptRecord, PromptRecord]],
-                 candidates: Sequence[str], on_run: Callable[[], None] | None = None):
+                 candidates: Sequence[str]):
         if not pairs:
             raise SafeDIGError("steerability needs matched unsafe/safe pairs", "route on a set of matched pairs")
-        self.generator, self.on_run = generator, on_run or (lambda: None)
+        self.generator = generator
         self.unsafe = [u for u, _ in pairs]
         safe = [s for _, s in pairs]
         self.modules = {p: m for p, m in resolve(generator.model).modules.items() if p in candidates}
@@ -80,17 +91,10 @@ class SteerabilityProbe:
                 self.recorded[name].append(out[self.generator.cond_rows(out.shape[0])].detach().clone())
             return hook
 
-        with forward_hooks(self.modules, record), torch.no_grad():
-            self.safe_latent = self._run(safe)
-        self.unsafe_latent = self._run(self.unsafe)
-        self.base = (self.unsafe_latent - self.safe_latent).flatten(1).norm(dim=1)
+        with forward_hooks(self.modules, record):
+            self.safe_latent = final_latents(generator, safe)
+        self.base = distance(final_latents(generator, self.unsafe), self.safe_latent)
         self.cache: dict[tuple[str, ...], float] = {}
-
-    def _run(self, prompts: Sequence[PromptRecord]) -> torch.Tensor:
-        with torch.no_grad():
-            latent = self.generator.run([p.text for p in prompts], [p.seed for p in prompts], lambda _i: None)
-        self.on_run()
-        return latent.float().cpu()
 
     def score(self, positions: Sequence[str]) -> float:
         """steerability of patching every position in `positions` together (cached per set)."""
@@ -107,12 +111,11 @@ class SteerabilityProbe:
             return hook
 
         with forward_hooks({p: self.modules[p] for p in key}, patch):
-            latent = self._run(self.unsafe)
+            latent = final_latents(self.generator, self.unsafe)
         if any(next(it, None) is not None for it in replay.values()):
             raise SafeDIGError("a patched position ran fewer times than in the safe run",
                                "the generator must sample the same schedule for every prompt")
-        dist = (latent - self.safe_latent).flatten(1).norm(dim=1)
-        value = float((1.0 - dist / self.base.clamp_min(1e-8)).clamp(0.0, 1.0).mean())
+        value = float((1.0 - distance(latent, self.safe_latent) / self.base.clamp_min(1e-8)).clamp(0.0, 1.0).mean())
         self.cache[key] = round(value, 4)
         return self.cache[key]
 
