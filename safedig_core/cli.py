@@ -27,6 +27,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     p.set_defaults(func=_inspect)
 
+    p = sub.add_parser("combine", help="one pack from two: one pack's gate detects, the other's Blend steers")
+    p.add_argument("--detect", required=True, metavar="PACK:POS[,POS]", help="the pack and positions that detect")
+    p.add_argument("--steer", required=True, metavar="PACK:POS[,POS]", help="the pack and positions that steer")
+    p.add_argument("--out", required=True, help="the combined .safetensors pack")
+    p.set_defaults(func=_combine)
+
 
 def _positions(args) -> int:
     from .positions import REFERENCE_MODELS, get_architecture, positions_from_state_dict, reference_ids
@@ -66,6 +72,24 @@ def _inspect(args) -> int:
 
     pack = load_pack(args.pack)
     print(json.dumps(pack.metadata, indent=2, sort_keys=True) if args.json else format_pack(pack))
+    return 0
+
+
+def _pack_positions(spec: str, flag: str) -> tuple[str, list[str]]:
+    path, sep, positions = spec.rpartition(":")
+    if not sep or not path or not positions:
+        raise SafeDIGError(f"{flag} {spec!r} names no positions", f"write {flag} PACK.safetensors:POSITION[,POSITION]")
+    return path, [p.strip() for p in positions.split(",") if p.strip()]
+
+
+def _combine(args) -> int:
+    from .combine import combine_packs
+    from .pack import load_pack
+    from .pack_info import format_pack
+
+    (det, det_at), (steer, steer_at) = _pack_positions(args.detect, "--detect"), _pack_positions(args.steer, "--steer")
+    path = combine_packs(load_pack(det), det_at, load_pack(steer), steer_at, args.out)
+    print(format_pack(load_pack(path)))
     return 0
 
 

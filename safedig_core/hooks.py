@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PackError, SafeDIGError
-from .pack import DictionaryPack, decoder_key, encoder_key
+from .pack import USE_DETECT, USE_STEER, DictionaryPack, decoder_key, encoder_key
 from .positions import ModelPositions, resolve
 from .steering_math import GateScope, PositionWeights, SteeringParams, steer_domains
 
@@ -53,8 +53,34 @@ class SteeringDictionary:
             raise PackError(f"positions {unknown} are not routed in this pack",
                             f"pick from {pack.positions}", path=pack.path)
         self.positions = list(positions) if positions else pack.positions
+        self._check_uses()
         self._cache: dict[tuple[str, str, torch.device, torch.dtype], PositionWeights] = {}
         self._lock = threading.Lock()
+
+    def _check_uses(self) -> None:
+        """Refuse a position choice that could not steer: nothing that detects, or nothing that edits."""
+        infos = {p: self.pack.position_info(p) for p in self.positions}
+        if not any(i.detects for i in infos.values()):
+            raise PackError(f"positions {self.positions} only steer images another position detects",
+                            f"add one of the pack's detecting positions {self.pack.positions_that(USE_DETECT)}",
+                            path=self.pack.path)
+        if not any(i.edits for i in infos.values()):
+            raise PackError(f"positions {self.positions} only detect: nothing would be steered",
+                            f"add one of the pack's steering positions {self.pack.positions_that(USE_STEER)}",
+                            path=self.pack.path)
+
+    @property
+    def needs_image_scope(self) -> bool:
+        """True when some position edits only what another detects: the token gate cannot steer it."""
+        return any(not self.pack.position_info(p).detects for p in self.positions)
+
+    def check_params(self, params: SteeringParams) -> None:
+        """Fail closed on settings this dictionary cannot steer with (raised before any hook is installed)."""
+        if self.needs_image_scope and params.scope != GateScope.IMAGE and not params.is_identity:
+            steer_only = [p for p in self.positions if not self.pack.position_info(p).detects]
+            raise SafeDIGError(f"this pack steers at {steer_only} the images its other positions detect, which "
+                               "needs the image-scope gate; with the token gate nothing would be steered",
+                               "set Steer's gate scope to image")
 
     def __repr__(self) -> str:
         return f"SteeringDictionary({self.pack.path!r}, domain={self.domain!r}, positions={self.positions})"
@@ -111,6 +137,8 @@ class SteeringDictionary:
             anchor=anchor,
             tau=feats.tau,
             blend_map=None if blend_map is None else blend_map.to(device=device, dtype=dtype),
+            detects=info.detects,
+            edits=info.edits,
         )
 
 
@@ -133,11 +161,17 @@ class _SteeringHook:
         gates: list[Tensor] | None = [] if s.on_scores is not None else None
         if s.latch is None and s.params.scope == GateScope.IMAGE:
             s.latch = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
+        before = None if s.latch is None else s.latch.clone()
         steered = steer_domains(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch,
                                 gates_out=gates)
+        if before is not None and s.latch is not None and s.edited_before:
+            # rows latched here that a position earlier in this call could have edited: see late_latched
+            s.late_latched = (s.late_latched | (s.latch & ~before)) if s.late_latched is not None \
+                else s.latch & ~before
         if s.on_scores is not None and scores and gates:
             s.on_scores(self.position, scores[0], gates[0])
         s.ran.add(self.position)
+        s.edited_before |= weights[0].edits
         return None if steered is output else steered
 
 
@@ -178,6 +212,11 @@ class SteeringHooks:
         self.latch = latch
         self.thread = threading.get_ident()
         self.ran: set[str] = set()  # positions whose hook ran inside the block
+        self.edited_before = False  # an editing position already ran in this call
+        # [batch] rows the image gate latched after an editing position had run in the same call (e.g. detected
+        # at single.0.out after input.txt ran): SamplingSteering runs such a call again so they are steered
+        # from this call on at every position. None: no such row.
+        self.late_latched: Tensor | None = None
         self._hooked: list[str] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
@@ -187,8 +226,10 @@ class SteeringHooks:
             raise SafeDIGError("this SteeringHooks is already active", "use a new context for each call")
         self._entered = True
         self.ran, self._hooked = set(), []
+        self.edited_before, self.late_latched = False, None
         if not self.active or (self.params.is_identity and self.on_scores is None):
             return self
+        self.dictionary.check_params(self.params)
         positions = self._model_positions or resolve(self.model)
         self.dictionary.pack.check_compatible(positions, self.dictionary.positions)
         try:

@@ -35,8 +35,10 @@ from .positions import Architecture, ModelPositions, get_architecture
 
 PACK_SUFFIX = ".safetensors"
 METADATA_KEY = "safedig"
-FORMAT_VERSION = 2  # 2 adds learned Blend maps; a pack without any is still written as version 1
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# 2 adds learned Blend maps, 3 the positions' use (detect / steer); a pack is written with the lowest version
+# that holds what it uses, so older SafeDIG keeps reading packs that need nothing new
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 
 # Metadata keys (one place; readers and writers both use these).
 K_FORMAT_VERSION = "format_version"
@@ -57,6 +59,8 @@ K_K = "k"
 K_SCALE = "scale"
 K_HARMFUL_IDS = "harmful_ids"
 K_METRICS = "metrics"
+K_USE = "use"  # what the position does: detect and steer (the default), detect only, or steer only
+USE_BOTH, USE_DETECT, USE_STEER = "detect_and_steer", "detect", "steer"
 # Per domain
 K_ROLE = "role"
 K_ADAPTED_FROM = "adapted_from"
@@ -114,6 +118,17 @@ class PositionInfo:
     scale: float
     harmful_ids: list[int]
     metrics: dict[str, float] = field(default_factory=dict)
+    # USE_DETECT: its gate latches images but it edits nothing; USE_STEER: it edits the images a detecting
+    # position latched (image-scope gate) and its own gate never opens; USE_BOTH: both (docs/method.md sec. 6)
+    use: str = USE_BOTH
+
+    @property
+    def detects(self) -> bool:
+        return self.use != USE_STEER
+
+    @property
+    def edits(self) -> bool:
+        return self.use != USE_DETECT
 
 
 @dataclass(frozen=True)
@@ -169,7 +184,12 @@ class DictionaryPack:
     def position_info(self, position: str) -> PositionInfo:
         p = self.metadata[K_POSITIONS][position]
         return PositionInfo(p[K_D_MODEL], p[K_D_SAE], p[K_K], p[K_SCALE], list(p[K_HARMFUL_IDS]),
-                            dict(p.get(K_METRICS, {})))
+                            dict(p.get(K_METRICS, {})), p.get(K_USE, USE_BOTH))
+
+    def positions_that(self, use: str) -> list[str]:
+        """The positions that detect (use USE_DETECT) or that edit (USE_STEER), in pack order."""
+        want = {USE_DETECT: "detects", USE_STEER: "edits"}[use]
+        return [p for p in self.positions if getattr(self.position_info(p), want)]
 
     def domain_features(self, domain: str, position: str) -> DomainFeatures:
         self.require_domain(domain)
@@ -246,13 +266,14 @@ def build_metadata(*, architecture: str, d_model: int, positions: Mapping[str, P
         return with_extra(d.extra, fields)
 
     has_map = any(f.blend_target == BLEND_MAP for d in domains.values() for f in d.features.values())
+    has_use = any(i.use != USE_BOTH for i in positions.values())
     return {
-        K_FORMAT_VERSION: FORMAT_VERSION if has_map else 1,  # older SafeDIG reads map-free packs
+        K_FORMAT_VERSION: 3 if has_use else 2 if has_map else 1,  # older SafeDIG reads what needs nothing new
         K_ARCHITECTURE: architecture,
         K_D_MODEL: d_model,
         K_POSITIONS: {
             p: {K_D_MODEL: i.d_model, K_D_SAE: i.d_sae, K_K: i.k, K_SCALE: i.scale, K_HARMFUL_IDS: list(i.harmful_ids),
-                **({K_METRICS: dict(i.metrics)} if i.metrics else {})}
+                **({K_METRICS: dict(i.metrics)} if i.metrics else {}), **({K_USE: i.use} if i.use != USE_BOTH else {})}
             for p, i in positions.items()
         },
         K_SAE: dict(sae),
@@ -296,7 +317,7 @@ def with_domain(pack: DictionaryPack, domain: str, entry: DomainEntry,
     for p in pack.positions:
         info = pack.position_info(p)
         positions[p] = PositionInfo(info.d_model, info.d_sae, info.k, info.scale, info.harmful_ids,
-                                    {**info.metrics, **position_metrics.get(p, {})})
+                                    {**info.metrics, **position_metrics.get(p, {})}, info.use)
     domains = {}
     for name, d in meta[K_DOMAINS].items():
         feats = {p: pack.domain_features(name, p) for p in d[K_FEATURES]}
@@ -515,9 +536,10 @@ POSITIVE = Leaf("a finite number > 0", lambda x: _finite_number(x) and x > 0)
 PLAIN = Leaf("a finite number, a string or true/false", lambda x: _finite_number(x) or isinstance(x, (str, bool)))
 ROLE = Leaf(f"{ROLE_SOURCE!r} or {ROLE_TARGET!r}", lambda x: x in (ROLE_SOURCE, ROLE_TARGET))
 
+USE = Leaf(f"{USE_BOTH!r}, {USE_DETECT!r} or {USE_STEER!r}", lambda x: x in (USE_BOTH, USE_DETECT, USE_STEER))
 POSITION_SCHEMA = Obj({K_D_MODEL: SIZE, K_D_SAE: SIZE, K_K: SIZE, K_SCALE: POSITIVE,
                        K_HARMFUL_IDS: ListOf(LATENT_ID, min_len=1)},
-                      optional={K_METRICS: MapOf(FINITE)})
+                      optional={K_METRICS: MapOf(FINITE), K_USE: USE})
 BLEND_TARGET = Leaf(f"{BLEND_ANCHOR!r} or {BLEND_MAP!r}", lambda x: x in (BLEND_ANCHOR, BLEND_MAP))
 FEATURES_SCHEMA = Obj({K_HARMFUL_WEIGHTS: ListOf(NON_NEGATIVE), K_ANCHOR_IDS: ListOf(LATENT_ID),
                        K_ANCHOR_VALUES: ListOf(FINITE), K_TAU: FINITE}, optional={K_BLEND_TARGET: BLEND_TARGET})
@@ -613,6 +635,14 @@ def _position_problem(meta: dict[str, Any], architecture: Architecture) -> str |
             return f"position {pos!r} has k {info[K_K]} above its d_sae {d_sae}"
         if not all(i < d_sae for i in ids) or len(set(ids)) != len(ids):
             return f"position {pos!r} harmful_ids must be distinct ints in [0, {d_sae})"
+        if info.get(K_USE, USE_BOTH) != USE_BOTH and meta[K_FORMAT_VERSION] < 3:
+            return f"position {pos!r} use {info[K_USE]!r} needs pack format version 3, the pack says " \
+                   f"{meta[K_FORMAT_VERSION]}"
+    uses = {info.get(K_USE, USE_BOTH) for info in meta[K_POSITIONS].values()}
+    if uses == {USE_DETECT}:
+        return "every position of the pack only detects (use 'detect'): nothing would steer"
+    if uses == {USE_STEER}:
+        return "every position of the pack only steers (use 'steer'): no gate would ever open"
     return None
 
 

@@ -52,8 +52,13 @@ def format_pack(pack: DictionaryPack) -> str:
         taus = " ".join(f"{d}={pack.domain_features(d, pos).tau:.3g}" for d in pack.domains)
         blends = " ".join(f"{d}={_blend(pack, d, pos)}" for d in pack.domains)
         metrics = " ".join(f"{k}={_num(v)}" for k, v in sorted(info.metrics.items()))
-        rows.append([pos, info.d_sae, info.k, f"{info.scale:.4g}", len(info.harmful_ids), taus, blends, metrics])
-    out.append(_table(rows, ["position", "d_sae", "k", "scale", "|H|", "tau", "blend target", "metrics"]))
+        if not info.detects:
+            taus += " (never opens: steers what another position detects)"
+        if not info.edits:
+            blends = "none (detects only)"
+        rows.append([pos, info.use, info.d_sae, info.k, f"{info.scale:.4g}", len(info.harmful_ids), taus, blends,
+                     metrics])
+    out.append(_table(rows, ["position", "use", "d_sae", "k", "scale", "|H|", "tau", "blend target", "metrics"]))
     candidates = m[K_ROUTING][K_CANDIDATES]
     if candidates:
         keys = sorted({k for c in candidates for k in c} - {"position"})

@@ -4,7 +4,10 @@ and the Report's recorder. The ComfyUI Steer node wraps this in its APPLY_MODEL 
 
 Per model call: the rows to steer come from the sampler's cond/uncond chunk labels (uncond may come first;
 at cfg 1 there is no uncond chunk), the schedule fraction from the current sigma among the run's sigmas
-(schedule.py), and the call runs inside `SteeringHooks`, which removes its hooks in `finally`.
+(schedule.py), and the call runs inside `SteeringHooks`, which removes its hooks in `finally`. A call in
+which an image's gate first opened after an editing position had already run (a pack that detects at a block
+and steers at the input projection, which runs first) is run once more with the latch open, so the image is
+steered everywhere from that call on (docs/method.md section 6); the other rows keep the first pass's output.
 
 Fail closed: when steering is active for a call and a routed position's hook did not run (a bypassed or
 renamed block, a replayed CUDA graph, a fused kernel), the call raises SteeringBypassedError instead of
@@ -38,10 +41,13 @@ class SteeringBypassedError(SafeDIGError):
 
 class SamplingSteering:
     """One steering setup (dictionary, parameters, label) and its per-run state (recorder, latch).
-    `host` names the program running the model in errors (e.g. "ComfyUI 0.3.75")."""
+    `host` names the program running the model in errors (e.g. "ComfyUI 0.3.75"). `rerun_late_latches`: run
+    a call again when an image latched after an editing position had run in it (see `_run_again`)."""
 
-    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str, host: str = "this host"):
+    def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str, host: str = "this host",
+                 rerun_late_latches: bool = True):
         self.dictionary = dictionary
+        self.rerun_late_latches = rerun_late_latches  # False only to measure what the second pass buys
         self.params = params
         self.label = label
         self.host = host
@@ -74,17 +80,41 @@ class SamplingSteering:
                     rec.set_grid((int(x.shape[-2]), int(x.shape[-1])), getattr(dit, "patch_size", 1))
                 on_scores = self._locked(rec.callback(rec.step_of(sigma), rows, per_chunk))
             per_image = self._row_latch(batch, per_chunk, x.device) if active else None
+        record: list[tuple] = []  # this call's scores, recorded once we know which pass's output is kept
         hooks = SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, active=active, owner=self,
-                              on_scores=on_scores, model_positions=positions, latch=per_image)
+                              on_scores=None if on_scores is None else lambda *a: record.append(a),
+                              model_positions=positions, latch=per_image)
         with hooks:
             out = run()
         if hooks.not_run:
             raise self._bypassed(dit, hooks.not_run)
+        late = hooks.late_latched
+        if self.rerun_late_latches and late is not None and late.any():
+            out = self._run_again(dit, run, out, late.to(x.device), rows, on_scores, positions, per_image)
+        elif on_scores is not None:
+            for args in record:
+                on_scores(*args)
         if per_image is not None:
             with self._lock:  # an image latched in any chunk stays latched for the rest of the run
                 if self.latched is not None and per_image.numel() % self.latched.numel() == 0:
                     self.latched |= per_image.view(-1, self.latched.numel()).any(0).cpu()
         return out
+
+    def _run_again(self, dit: object, run: Callable[[], T], first: T, late: Tensor, rows: Tensor | None,
+                   on_scores: Callable[..., None] | None, positions, per_image: Tensor | None) -> T:
+        """A call in which an image latched after an editing position had already run (detected at a block,
+        steered at the input projection that runs before it) is run again with the latch open from the
+        start, so that image is steered at every position from this call on; the other rows keep the first
+        pass's output bit for bit. Costs one extra model call per call in which an image latches."""
+        hooks = SteeringHooks(dit, self.dictionary, self.params, row_mask=rows, owner=self, on_scores=on_scores,
+                              model_positions=positions, latch=per_image)
+        with hooks:
+            again = run()
+        if hooks.not_run:
+            raise self._bypassed(dit, hooks.not_run)
+        if not isinstance(first, Tensor) or not isinstance(again, Tensor) or first.shape[0] != late.numel():
+            return again  # not one row per batch row: the second pass's output, every row steered as latched
+        return torch.where(late.view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]
 
     def _locked(self, callback: Callable[..., None]) -> Callable[..., None]:
         def locked(*args) -> None:

@@ -222,6 +222,8 @@ class PositionWeights:
     anchor: Tensor  # [d_sae] dense safe anchor (zero outside the anchor ids)
     tau: float
     blend_map: Tensor | None = None  # [m, d_sae] learned Blend target z_H -> z_H M (None: blend to the anchor)
+    detects: bool = True  # False (a "steer" position): its own gate never opens; it edits latched images only
+    edits: bool = True  # False (a "detect" position): its gate latches images but it changes nothing
 
     def __post_init__(self):
         # The harmful rows of the encoder, kept contiguous for the cheap gate bound.
@@ -237,7 +239,9 @@ class PositionWeights:
 
 
 def gate_open_from(score: Tensor, tau: float, kind: GateKind) -> Tensor:
-    """Gate weight in [0, 1] per token from the harmful score g."""
+    """Gate weight in [0, 1] per token from the harmful score g (tau = inf: never open)."""
+    if math.isinf(tau):
+        return torch.zeros_like(score)
     if kind == GateKind.HARD:
         return (score > tau).to(score.dtype)
     low = tau / 2 if tau > 0 else tau - 1.0
@@ -286,7 +290,7 @@ def _select(x: Tensor, w: PositionWeights, params: SteeringParams, tau: float, r
         latched = (latch.to(x.device) if latch is not None
                    else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
         latched = latched.view(-1, *([1] * (x.dim() - 2)))
-        candidates = steerable & (bound > torch.where(latched, 0.0, floor))
+        candidates = steerable & (bound > torch.where(latched, 0.0 if w.edits else floor, floor))
     else:
         candidates = steerable & (bound > floor)
     idx = candidates.nonzero(as_tuple=True)
@@ -346,6 +350,8 @@ def _edit(xc: Tensor, z: Tensor, gate: Tensor, w: PositionWeights, params: Steer
 def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tensor | None = None,
           scores_out: list | None = None, latch: Tensor | None = None, gates_out: list | None = None) -> Tensor:
     """Steered activation x' for x [batch, tokens, d_model]; returns x itself when nothing changes.
+    A detect-only position (w.edits False) latches rows and reports scores but returns x; a steer-only
+    position (w.detects False) edits latched rows only.
 
     row_mask [batch] bool selects the batch rows to steer (e.g. the cond chunk). Tokens with any
     non-finite value are never touched. If scores_out is a list, the per-token harmful score
@@ -360,9 +366,10 @@ def steer(x: Tensor, w: PositionWeights, params: SteeringParams, row_mask: Tenso
     """
     if params.is_identity and scores_out is None and gates_out is None:
         return x
-    tau = params.threshold(w.tau)
+    # a steer-only position never opens its own gate: it edits the rows another position latched
+    tau = params.threshold(w.tau) if w.detects else math.inf
     sel, steerable, bound = _select(x, w, params, tau, row_mask, latch)
-    gate = _gate(sel, tau, params)
+    gate = _gate(sel, tau, params) if w.edits else torch.zeros_like(sel.score)  # detect-only: latch, no edit
     if scores_out is not None:
         reported = torch.where(steerable, bound, torch.zeros_like(bound))
         reported[sel.idx] = sel.score.to(reported.dtype)
@@ -406,7 +413,9 @@ def steer_domains(x: Tensor, ws: Sequence[PositionWeights], params: SteeringPara
         g_d: list[Tensor] = []
         own = None if latch is None else latch.clone()
         outs.append(steer(x, w, params, row_mask, s_d, own, g_d))
-        margins.append(gate_margin(s_d[0].float(), params.threshold(w.tau)))
+        # a steer-only position has no threshold of its own: its domains compete by raw score (each domain's
+        # weights sum to 1 over the same harmful latents, so the scores are comparable)
+        margins.append(gate_margin(s_d[0].float(), params.threshold(w.tau)) if w.detects else s_d[0].float())
         gates.append(g_d[0])
         if own is not None and latched_after is not None:
             latched_after |= own

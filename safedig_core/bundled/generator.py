@@ -216,6 +216,10 @@ def _default_encoder() -> Encoder:
     return encode_prompts
 
 
+# wrap(run, latent_in, t, schedule) -> output: runs one model call run() (e.g. SamplingSteering.steer_call)
+ModelCallWrapper = Callable[[Callable[[], torch.Tensor], torch.Tensor, float, Sequence[float]], torch.Tensor]
+
+
 def initial_noise(seeds: Sequence[int], cfg: BundledConfig) -> torch.Tensor:
     """One noise latent per seed, independent of batch composition."""
     shape = (LATENT_CHANNELS, cfg.latent_size, cfg.latent_size)
@@ -225,9 +229,12 @@ def initial_noise(seeds: Sequence[int], cfg: BundledConfig) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, tokens: torch.Tensor, pooled: torch.Tensor, noise: torch.Tensor, steps: int = 20,
            guidance: float = 3.0, uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
-           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, torch.Tensor], None] | None = None,
+           wrap: ModelCallWrapper | None = None) -> torch.Tensor:
     """Euler on the rectified flow from t=1 (noise) to t=0; returns the final latent.
-    guidance > 1 needs `uncond` (the encoding of ""), broadcast over the batch."""
+    guidance > 1 needs `uncond` (the encoding of ""), broadcast over the batch; the DiT sees [cond; uncond].
+    `wrap(run, latent_in, t, schedule)` runs each model call `run()` (e.g. through SamplingSteering.steer_call,
+    as ComfyUI's APPLY_MODEL wrapper does); `schedule` is the t grid, 1 -> 0."""
     x = noise.clone()
     ts = torch.linspace(1.0, 0.0, steps + 1)
     b = x.shape[0]
@@ -239,7 +246,14 @@ def sample(model, tokens: torch.Tensor, pooled: torch.Tensor, noise: torch.Tenso
         tokens, pooled = torch.cat([tokens, u_tok]), torch.cat([pooled, u_pool])
     for i in range(steps):
         t = ts[i].expand(b * (2 if use_cfg else 1)).to(x)
-        v = velocity(model, torch.cat([x, x]) if use_cfg else x, t, tokens, pooled)
+        x_in = torch.cat([x, x]) if use_cfg else x
+        if wrap is None:
+            v = velocity(model, x_in, t, tokens, pooled)
+        else:
+            def call(x_in: torch.Tensor = x_in, t: torch.Tensor = t) -> torch.Tensor:
+                return velocity(model, x_in, t, tokens, pooled)
+
+            v = wrap(call, x_in, float(ts[i]), ts.tolist())
         if use_cfg:
             v_c, v_u = v.chunk(2)
             v = v_u + guidance * (v_c - v_u)
