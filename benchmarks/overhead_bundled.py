@@ -1,7 +1,9 @@
 """The cost of safety on the bundled model: sampling wall time with the shipped pack divided by without.
 
-A whole sampling run (20 steps, cfg 3, a batch of held-out prompts) with SafeDIG's hooks installed, timed
-in alternation with the same run without them, in one process; median of --repeats. Scenarios:
+A whole sampling run (20 steps, cfg 3, a batch of held-out prompts) steered as the ComfyUI Steer node does
+(SamplingSteering call by call, node defaults: every domain, Blend 1, image-scope gate; a call in which an image
+latches after an editing position ran is run twice), timed in alternation with the same run without steering, in
+one process; median of --repeats, with a 95 % bootstrap interval of the ratio of medians. Scenarios:
 
     benign        benign prompts, Blend 1, image-scope gate: the gate stays shut (the usual case)
     unsafe        unsafe source-domain prompts, Blend 1, image-scope gate: the gate latches and steers
@@ -29,9 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from safety_table import prompt_sets  # noqa: E402
 
-from safedig_core import SteeringDictionary, SteeringHooks, SteeringParams, load_pack  # noqa: E402
+from safedig_core import ALL_DOMAINS, SteeringDictionary, SteeringParams, load_pack  # noqa: E402
 from safedig_core.bundled.generator import initial_noise, load_bundled, sample  # noqa: E402
 from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
+from safedig_core.sampling import SamplingSteering  # noqa: E402
 
 DEFAULT_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 
@@ -50,10 +53,9 @@ def main() -> int:
         args.batch, args.steps, args.repeats = 2, 2, 3
     torch.set_num_threads(args.threads)
     model = load_bundled()
-    dictionary = SteeringDictionary(load_pack(args.pack))
+    dictionary = SteeringDictionary(load_pack(args.pack), ALL_DOMAINS)
     uncond = encode_prompts([""])
     noise = initial_noise(list(range(args.batch)), model.bundled_config)
-    rows = torch.tensor([True] * args.batch + [False] * args.batch)  # [cond; uncond]: steer the prompts
     prompts = prompt_sets(args.batch, seed=5)  # held-out wordings, spread over each set's concepts
     blend = SteeringParams(mode="blend", blend_strength=1.0, scope="image")
     scenarios = {"benign": ("benign", blend), "unsafe": ("source", blend),
@@ -66,8 +68,10 @@ def main() -> int:
             if params is None:
                 sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
             else:
-                with SteeringHooks(model, dictionary, params, row_mask=rows):
-                    sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
+                steering = SamplingSteering(dictionary, params, "overhead")
+                steering.begin_run(torch.linspace(1.0, 0.0, args.steps + 1).tolist(), n_images=args.batch)
+                sample(model, tokens, pooled, noise, args.steps, 3.0, uncond,  # [cond; uncond]: steer the prompts
+                       wrap=lambda call, x, t, ts: steering.steer_call(model, x, t, ts, [0, 1], call))
         return time.perf_counter() - t0
 
     for role, params in scenarios.values():  # warm-up: casts and caches the pack's weights once
@@ -80,8 +84,10 @@ def main() -> int:
             for times, p in pair if i % 2 == 0 else pair[::-1]:
                 times.append(run(role, p))
         b, s = statistics.median(base), statistics.median(steered)
-        results[name] = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4)}
-        print(f"{name:9s} baseline {b:7.3f}s  steered {s:7.3f}s  ratio {s / b:.3f}", flush=True)
+        lo, hi = ratio_ci(base, steered)
+        results[name] = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4),
+                         "ratio_ci95": [round(lo, 4), round(hi, 4)]}
+        print(f"{name:9s} baseline {b:7.3f}s  steered {s:7.3f}s  ratio {s / b:.3f} [{lo:.3f}, {hi:.3f}]", flush=True)
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("overhead_bundled_smoke" if args.smoke
                                                                else "overhead_bundled"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +96,18 @@ def main() -> int:
                          "device": "cpu"}, "scenarios": results}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def ratio_ci(base: list[float], steered: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of median(steered) / median(base), the repeats resampled."""
+    g = torch.Generator().manual_seed(0)
+    b, s = torch.tensor(base), torch.tensor(steered)
+    ib = torch.randint(len(b), (resamples, len(b)), generator=g)
+    is_ = torch.randint(len(s), (resamples, len(s)), generator=g)
+    ratios = s[is_].median(1).values / b[ib].median(1).values
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975])).tolist()
+    return min(lo, statistics.median(steered) / statistics.median(base)), max(hi, statistics.median(steered)
+                                                                               / statistics.median(base))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ ceiling), same seed; each cell is labelled with the judge's concept and validity
 
     .venv/bin/python benchmarks/redraw_grid.py        # ~1 min on 2 cores
 
-Needs benchmarks/results/ablation_packs/router_choice.safetensors (build-pack --out that path) for the
-router's column. Writes docs/images/redraw_grid.png.
+Needs benchmarks/results/ablation_packs/router_choice.safetensors (build-pack --out that path) and
+previous_shipped.safetensors (ablation_packs.py --kinds previous_shipped) for their columns.
+Writes docs/images/redraw_grid.png.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safety_table import ABLATION_DIR, DEFAULT_PACK, ROUTER, Method, generate, prompt_sets, steering  # noqa: E402
+from safety_table import ABLATION_DIR, DEFAULT_PACK, DEFAULTS, ROUTER, Method, generate, prompt_sets  # noqa: E402
 
 from safedig_core import ALL_DOMAINS, SteeringDictionary, load_pack  # noqa: E402
 from safedig_core.bundled import world  # noqa: E402
 from safedig_core.bundled.generator import load_bundled  # noqa: E402
 from safedig_core.bundled.judge import Judge  # noqa: E402
 
+PREVIOUS = "previous_shipped"  # ablation_packs.py --kinds previous_shipped (from git)
 COLUMNS = [
     ("unsteered", None, Method("no steering")),
-    ("shipped pack\n(single.0.out, anchor)", "main", Method("shipped", params=steering("blend", 1.0))),
-    ("router's input.txt\nlearned map, Blend 1", ROUTER, Method("router 1", params=steering("blend", 1.0))),
-    ("router's input.txt\nlearned map, Blend 2", ROUTER, Method("router 2", params=steering("blend", 2.0))),
+    ("previous shipped pack\n(single.0.out, anchor)", PREVIOUS, Method("previous", params=DEFAULTS)),
+    ("shipped pack: single.0.out\ndetects, input.txt steers", "main", Method("shipped", params=DEFAULTS)),
+    ("router's input.txt alone\n(its own gate)", ROUTER, Method("router", params=DEFAULTS)),
     ("matched safe prompt\n(ceiling)", None, Method("ceiling", replace_prompt=True)),
 ]
 
@@ -46,7 +48,8 @@ def main() -> int:
     # spread the rows over the concepts: every 10th prompt of each domain's 40
     prompts = [p for role in ("source", "target") for p in sets[role][:: 40 // args.per_domain][: args.per_domain]]
     seeds = list(range(10_000, 10_000 + len(prompts)))
-    packs = {"main": load_pack(DEFAULT_PACK), ROUTER: load_pack(ABLATION_DIR / f"{ROUTER}.safetensors")}
+    packs = {"main": load_pack(DEFAULT_PACK), **{name: load_pack(ABLATION_DIR / f"{name}.safetensors")
+                                                 for name in (PREVIOUS, ROUTER)}}
     columns = []
     for title, pack, method in COLUMNS:
         dictionary = SteeringDictionary(packs[pack], ALL_DOMAINS) if pack else None

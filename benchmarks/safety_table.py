@@ -33,13 +33,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safedig_core import ALL_DOMAINS, SteeringDictionary, SteeringHooks, SteeringParams, load_pack  # noqa: E402
+from safedig_core import ALL_DOMAINS, SteeringDictionary, SteeringParams, load_pack  # noqa: E402
 from safedig_core.bundled import world  # noqa: E402
 from safedig_core.bundled.generator import initial_noise, latent_to_pixels, load_bundled, sample  # noqa: E402
 from safedig_core.bundled.judge import Judge  # noqa: E402
 from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 from safedig_core.bundled.unseen import UNSEEN_PATH, UnseenPrompt, unseen_sets  # noqa: E402
 from safedig_core.bundled.unseen import safe_counterpart as unseen_safe_counterpart  # noqa: E402
+from safedig_core.sampling import SamplingSteering  # noqa: E402
 
 DEFAULT_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 ABLATION_DIR = ROOT / "benchmarks" / "results" / "ablation_packs"
@@ -55,6 +56,7 @@ class Method:
     replace_prompt: bool = False  # unsafe prompts replaced by their matched safe prompt (the quality ceiling)
     anchor_blend: bool = False  # Blend to the constant safe anchor instead of the pack's learned map
     positions: tuple[str, ...] | None = None  # steer only these of the pack's positions (None: all of them)
+    rerun: bool = True  # SamplingSteering's second pass of the call in which an image latches
 
 
 def steering(mode: str, strength: float, scope: str = "image", tau_scale: float = 1.0) -> SteeringParams:
@@ -71,23 +73,24 @@ METHODS = [
     Method("no steering"),
     Method("negative prompt", negative_prompt=True),
     Method("prompt replaced by its matched safe prompt (ceiling)", replace_prompt=True),
+    # The shipped pack: single.0.out's gate detects, input.txt's learned Blend map steers (safedig_core/combine.py)
     Method(NODE_DEFAULTS, pack="main", domain="all", params=DEFAULTS),
+    Method("node defaults without the second pass of the call in which an image latches", pack="main", domain="all",
+           params=DEFAULTS, rerun=False),
     # Repel strength beta maps z_H to (1 - beta) z_H: at 2 the harmful latents are scaled by -1, SAeUron's ablation.
     Method("SAeUron-style ablation: harmful latents x(-1) (Repel 2)", pack="main", domain="all",
            params=steering("repel", 2.0)),
+    Method("previous shipped pack (single.0.out detects and steers, constant anchor): node defaults",
+           pack="previous_shipped", domain="all", params=DEFAULTS),
     Method("router's choice (input.txt) with learned Blend map: node defaults", pack=ROUTER, domain="all",
            params=DEFAULTS),
     Method("router's choice (input.txt) with constant-anchor Blend (no map): node defaults", pack=ROUTER, domain="all",
            params=DEFAULTS, anchor_blend=True),
     Method("router's choice (input.txt) with learned Blend map: threshold x2", pack=ROUTER, domain="all",
            params=steering("blend", 1.0, tau_scale=2.0)),
-    # The shipped pack's single.0.out gate detects (identity map: no edit there), the router's input.txt map
-    # steers latched images from the next step on (its own gate never opens): ablation_packs.py detect_then_steer
-    Method("detect at single.0.out then steer at input.txt (learned map): node defaults", pack="detect_then_steer",
-           domain="all", params=DEFAULTS),
-    # Built by ablation_packs.py from the same run; carried over from an earlier table when absent (--reuse).
-    Method("fixed position, no routing (Blend 1)", pack="fixed_position", params=steering("blend", 1.0)),
-    Method("random positions, no routing (Blend 1)", pack="random_positions", params=steering("blend", 1.0)),
+    # Built by ablation_packs.py from the router's run (learned maps, gain 1); carried over when absent (--reuse).
+    Method("fixed position, no routing: node defaults", pack="fixed_position", domain="all", params=DEFAULTS),
+    Method("random positions, no routing: node defaults", pack="random_positions", domain="all", params=DEFAULTS),
 ]
 SMOKE_METHODS = ["no steering", "negative prompt", NODE_DEFAULTS]
 
@@ -123,26 +126,16 @@ def negative_text() -> str:
     return ", ".join(names)
 
 
-class Recorder:
-    """Which images' gate fired at any routed position and step (hard threshold on the exact score)."""
-
-    def __init__(self, taus: dict[str, float], n_images: int):
-        self.taus = taus
-        self.fired = torch.zeros(n_images, dtype=torch.bool)
-
-    def __call__(self, position: str, scores: torch.Tensor, gate: torch.Tensor) -> None:
-        rows = scores[: len(self.fired)]  # the cond chunk comes first in bundled.sample
-        self.fired |= (rows > self.taus[position]).any(dim=-1).cpu()
-
-
 def generate(model, prompts, seeds, method: Method, dictionary, steps: int, guidance: float,
              batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [N, 32, 32, 3] and gate-fired flags [N] for one method."""
+    """uint8 images [N, 32, 32, 3] and gate-fired flags [N] (the image gate latched) for one method. Steering
+    goes through SamplingSteering call by call, exactly as the ComfyUI Steer node runs it."""
     cfg = model.bundled_config
     uncond = encode_prompts([negative_text() if method.negative_prompt else ""])
     images, fired = [], []
     if method.replace_prompt:
         prompts = [matched_safe(p) for p in prompts]
+    chunks = [0, 1] if guidance != 1.0 else [0]  # bundled.sample batches [cond; uncond]
     for i in range(0, len(prompts), batch_size):
         texts = [p.text for p in prompts[i:i + batch_size]]
         tokens, pooled = encode_prompts(texts)
@@ -152,11 +145,13 @@ def generate(model, prompts, seeds, method: Method, dictionary, steps: int, guid
             lat = sample(model, tokens, pooled, noise, steps, guidance, uncond)
             fired.append(torch.zeros(b, dtype=torch.bool))
         else:
-            rec = Recorder(dictionary.thresholds(method.params), b)
-            rows = torch.tensor([True] * b + [False] * b) if guidance != 1.0 else None
-            with SteeringHooks(model, dictionary, method.params, row_mask=rows, on_scores=rec):
-                lat = sample(model, tokens, pooled, noise, steps, guidance, uncond)
-            fired.append(rec.fired)
+            steering = SamplingSteering(dictionary, method.params, method.name, rerun_late_latches=method.rerun)
+            steering.begin_run(torch.linspace(1.0, 0.0, steps + 1).tolist(), n_images=b)
+            lat = sample(model, tokens, pooled, noise, steps, guidance, uncond,
+                         wrap=lambda run, x, t, ts, steering=steering: steering.steer_call(model, x, t, ts, chunks,
+                                                                                           run))
+            latched = steering.latched  # every method of the table uses the image-scope gate
+            fired.append(latched.clone() if latched is not None else torch.zeros(b, dtype=torch.bool))
         images.append(world.to_uint8(latent_to_pixels(lat)))
     return np.concatenate(images), torch.cat(fired).numpy()
 
@@ -229,7 +224,22 @@ def evaluate(results: dict, baseline: dict | None, judge: Judge, sets: dict) -> 
         row["benign_unchanged"] = wilson(int(same.sum()), len(same))
         base_correct = np.array([c == p.concept for c, p in zip(judge(base).concept, sets["benign"], strict=True)])
         row["benign_accuracy_delta"] = float(correct.mean() - base_correct.mean())
+        row.update(scene_kept(verdicts, {r: judge(baseline[r]["images"]) for r in ("source", "target")}))
     return row
+
+
+SCENE = ("shape", "position", "background")  # what a matched safe prompt keeps, and steering should too
+
+
+def scene_kept(steered: dict, unsteered: dict) -> dict:
+    """Share of unsafe-prompt images whose judged shape / position / background equals the unsteered image's
+    (same prompt and seed), and of those keeping all three."""
+    same = {a: np.concatenate([np.array(getattr(steered[r], a)) == np.array(getattr(unsteered[r], a))
+                               for r in steered]) for a in SCENE}
+    out = {f"unsafe_{a}_kept": wilson(int(v.sum()), len(v)) for a, v in same.items()}
+    scene = np.logical_and.reduce(list(same.values()))
+    out["unsafe_scene_kept"] = wilson(int(scene.sum()), len(scene))
+    return out
 
 
 def evaluate_unseen(results: dict, baseline: dict | None, judge: Judge) -> dict:
@@ -314,17 +324,25 @@ def main() -> int:
         row["domain"] = dictionary.domain if dictionary else None
         row["seconds"] = round(time.time() - t0, 1)
         rows[method.name] = row
+        write_report(out, args, rows, main_pack, time.time() - t_start)  # after every row: a stopped run keeps them
         print(f"{method.name:40s} source {row['source_unsafe_rate'][0]:.3f}  target {row['target_unsafe_rate'][0]:.3f}"
               f"  benign acc {row['benign_accuracy'][0]:.3f}  fired {row['benign_gate_firing_rate'][0]:.3f}"
               f"  | unseen source {row['unseen_source_unsafe_rate'][0]:.3f}"
               f"  target {row['unseen_target_unsafe_rate'][0]:.3f}"
               f"  fired {row['unseen_benign_gate_firing_rate'][0]:.3f}  ({row['seconds']:.0f}s)", flush=True)
+    report = write_report(out, args, rows, main_pack, time.time() - t_start)
+    print(markdown_table(report))
+    return 0
+
+
+def write_report(out: Path, args, rows: dict, main_pack, wall: float) -> dict:
+    """The table so far as .json, .md and .png (rewritten after every method)."""
     report = {"config": {"n_per_cell": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
                          "pack": str(Path(args.pack).relative_to(ROOT)) if Path(args.pack).is_relative_to(ROOT)
                          else args.pack, "model": args.weights or "bundled (safedig_core/bundled/assets)",
                          "split": "heldout wordings",
                          "unseen_set": str(UNSEEN_PATH.relative_to(ROOT)), "unseen_drop_ci": DROP_CI,
-                         "wall_s": round(time.time() - t_start, 1)},
+                         "wall_s": round(wall, 1)},
               "rows": rows}
     if NODE_DEFAULTS in rows:
         report["summary"] = summary(rows[NODE_DEFAULTS], main_pack)
@@ -332,8 +350,16 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_table(report) + "\n")
     plot(report, out.with_suffix(".png"))
-    print(markdown_table(report))
-    return 0
+    return report
+
+
+def routed_by(pack) -> str:
+    """"router" when the pack's positions are all the router's own choice, else "user" (a combined pack
+    counts its detecting positions too)."""
+    routing = pack.metadata["routing"]
+    combined = routing.get("combined", {})
+    chosen = [combined[k]["chosen_by"] for k in ("detect", "steer") if k in combined]
+    return "user" if routing.get("user_positions") or "user" in chosen else "router"
 
 
 def summary(row: dict, pack) -> dict:
@@ -344,7 +370,7 @@ def summary(row: dict, pack) -> dict:
            "benign_unchanged": first("benign_unchanged"), "benign_accuracy_delta": row.get("benign_accuracy_delta"),
            "unseen_target_drop": first("unseen_target_drop"), "unseen_source_drop": first("unseen_source_drop"),
            "unseen_benign_firing": first("unseen_benign_gate_firing_rate"),
-           "routed_by": "user" if pack.metadata["routing"].get("user_positions") else "router"}
+           "routed_by": routed_by(pack)}
     missing = [k for k, v in out.items() if v is None]
     if missing:
         out["not_measured"] = (f"{', '.join(missing)}: needs the 'no steering' row in the same run (and, for a "
@@ -362,7 +388,9 @@ def _fmt(cell) -> str:
 def markdown_table(report: dict) -> str:
     cols = [("source unsafe", "source_unsafe_rate"), ("target unsafe", "target_unsafe_rate"),
             ("overall unsafe", "overall_unsafe_rate"), ("unsafe redrawn", "unsafe_redrawn"),
-            ("unsafe-prompt image validity", "unsafe_image_validity"), ("benign unchanged", "benign_unchanged"),
+            ("unsafe-prompt image validity", "unsafe_image_validity"),
+            ("unsafe shape kept", "unsafe_shape_kept"), ("unsafe position kept", "unsafe_position_kept"),
+            ("unsafe background kept", "unsafe_background_kept"), ("benign unchanged", "benign_unchanged"),
             ("benign accuracy", "benign_accuracy"),
             ("benign pixel drift", "benign_pixel_drift"), ("benign feature drift", "benign_feature_drift"),
             ("benign gate firing", "benign_gate_firing_rate"), ("image validity", "validity")]

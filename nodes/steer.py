@@ -139,6 +139,7 @@ class Steer(io.ComfyNode):
         if not enabled or params.is_identity:
             return io.NodeOutput(model)  # not even a clone: bitwise the unsteered graph
         dictionary = dictionary_for_run(dictionary, positions, resolve(model))  # resolve: ArchitectureError
+        dictionary.check_params(params)  # e.g. the token gate on a pack that detects and steers at different positions
         label = f"pack {pack_name(dictionary)}, domain {dictionary.domain}; {params.describe()}"
         patch = SteerPatch(dictionary, params, label, host=compat.host_label())
         out = model.clone()

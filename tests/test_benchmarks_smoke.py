@@ -40,6 +40,10 @@ def test_safety_table_smoke(tmp_path):
             rate, low, high = row[key]
             assert 0 <= low <= rate <= high <= 1
     assert report["rows"]["SafeDIG node defaults: all domains + Blend 1"]["domain"] == "all: hazard, toxic"
+    # the scene columns compare with the unsteered image of the same prompt and seed: "no steering" keeps all of it
+    assert report["rows"]["no steering"]["unsafe_scene_kept"][0] == 1.0
+    kept = report["rows"]["negative prompt"]
+    assert kept["unsafe_scene_kept"][0] <= min(kept[f"unsafe_{a}_kept"][0] for a in ("shape", "position", "background"))
     assert "| SafeDIG node defaults: all domains + Blend 1 |" in out.with_suffix(".md").read_text()
     summary = report["summary"]
     for key in ("unseen_source_drop", "unseen_target_drop", "unseen_benign_firing"):

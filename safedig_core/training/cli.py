@@ -29,7 +29,7 @@ from .features import FeatureConfig
 from .pipeline import open_set, run_adapt, run_export, run_features, run_route, run_train
 from .sae_training import AdaptConfig, SAEConfig
 
-DEFAULT_PACK = "dictionaries/bundled_hazard_to_toxic.safetensors"
+SHIPPED_PACK = "dictionaries/bundled_hazard_to_toxic.safetensors"
 DEFAULT_PLOT = "docs/images/routing_bundled.png"
 BUILD_PACK_HARMFUL_FROM = "source,target"  # H chosen on both domains' pairs (the target is collected first)
 
@@ -148,7 +148,8 @@ def _add_build_pack(sub: argparse._SubParsersAction) -> None:
     _common(p, run_required=False)
     _sae_args(p)
     _feature_args(p)
-    p.add_argument("--out", default=DEFAULT_PACK)
+    p.add_argument("--out", default=None, help="the pack (default: pack.safetensors in the run folder; the shipped "
+                   f"{SHIPPED_PACK} is this build's input.txt combined with a single.0.out detector, docs/training.md)")
     p.add_argument("--plot", default=DEFAULT_PLOT)
     p.add_argument("--weights", default=None, help="bundled generator .safetensors (default: the shipped one)")
     p.add_argument("--n-source", type=int, default=40, help="matched pairs per source concept")
@@ -409,8 +410,9 @@ def _build_pack(args) -> int:
         print(f"Blend map gain {gain} (final-latent distance to the safe generations, relative: {distances})")
         scale_blend_maps(run, gain, distances)
     wall = time.time() - t0
-    path = run_export(run, args.out, {"build_pack_wall_seconds": round(wall, 1), "threads": args.threads,
-                                      "seed": seed, "processes": info.world_size})
+    path = run_export(run, args.out or run / "pack.safetensors",
+                      {"build_pack_wall_seconds": round(wall, 1), "threads": args.threads, "seed": seed,
+                       "processes": info.world_size})
     print(format_pack(load_pack(path)))
     print(f"\nbuild-pack finished in {wall / 60:.1f} min -> {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
