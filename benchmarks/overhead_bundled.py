@@ -7,7 +7,7 @@ one process; median of --repeats, with a 95 % bootstrap interval of the ratio of
 
     benign        benign prompts, Blend 1, image-scope gate: the gate stays shut (the usual case)
     unsafe        unsafe source-domain prompts, Blend 1, image-scope gate: the gate latches and steers
-    disabled      mode Off: no hook is installed
+    disabled      mode Off: the Steer node returns the model unpatched, so both runs are unsteered (timing noise)
 
     .venv/bin/python benchmarks/overhead_bundled.py            # batch 16, 7 repeats (~1 min on 2 cores)
     .venv/bin/python benchmarks/overhead_bundled.py --smoke    # CI: batch 2, 2 steps, 3 repeats
@@ -65,7 +65,7 @@ def main() -> int:
         tokens, pooled = encode_prompts([p.text for p in prompts[role]])
         t0 = time.perf_counter()
         with torch.no_grad():
-            if params is None:
+            if params is None or params.is_identity:  # what the node does for Off: no wrapper at all
                 sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
             else:
                 steering = SamplingSteering(dictionary, params, "overhead")
