@@ -49,14 +49,16 @@ STEER = dict(enabled=True, mode="Blend", blend_strength=1.0, repel_strength=1.0,
 NOTE_COLOR = dict(color="#432", bgcolor="#653")
 
 TOGGLES = """**What to toggle** (on *SafeDIG Steer*):
-- **mode**: `Off` gives exactly the image without SafeDIG; `Blend` swaps the harmful features for the safe
-  anchor; `Repel` subtracts them; `Both` does Blend, then Repel.
+- **mode**: `Off` gives exactly the image without SafeDIG; `Blend` moves the harmful features to the pack's
+  safe target (a learned map, e.g. hazard -> candy, or a constant anchor); `Repel` subtracts them; `Both`
+  does Blend, then Repel.
 - **enabled**: off passes the model through untouched (also exactly the image without SafeDIG).
 - **blend_strength** / **repel_strength** (0 to 4): start at 1; raise slowly, images degrade well before 4.
 - **gate** `hard` / `soft`, **override_threshold** + **threshold**: when a token counts as harmful
   (default: the pack's calibrated threshold); **threshold_scale** below 1 steers more, at more drift.
 - **gate_scope**: `image` (default) steers a whole image once any of its tokens passes the threshold;
-  `token` steers each token on its own score.
+  `token` steers each token on its own score (not with a pack that detects at one position and steers at
+  another, such as the shipped bundled pack: the node says so).
 - **start_percent** / **end_percent**: which part of the schedule is steered.
 - **positions**: a comma-separated subset of the pack's routed positions (empty = all).
 
