@@ -12,11 +12,12 @@ NODES: list = []
 if compat.API is not None:
     from . import packs
     from .build import NODES as BUILD_NODES
+    from .combine import NODES as COMBINE_NODES
     from .dictionary import LoadDictionary
     from .report import Report
     from .steer import Steer
 
-    NODES += [LoadDictionary, Steer, Report, *BUILD_NODES]
+    NODES += [LoadDictionary, Steer, Report, *BUILD_NODES, *COMBINE_NODES]
     register_bundled_folder = None
     try:  # the bundled model's nodes must not take the steering nodes down with them
         from . import bundled_io, bundled_model

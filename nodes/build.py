@@ -134,11 +134,11 @@ def _generator(model, clip, v: dict, reporter: ComfyReporter) -> ComfySampler:
                         after_prompt=reporter.advance)
 
 
-def _positions(text: str | None) -> tuple[str, ...]:
+def position_list(text: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (text or "").replace("\n", ",").split(",") if p.strip())
 
 
-def _outputs() -> list:
+def pack_outputs() -> list:
     return [SafeDIGDict.Output(display_name="dictionary"),
             io.String.Output(display_name="pack_info", tooltip="The new pack: positions, routing, provenance.")]
 
@@ -182,7 +182,7 @@ class BuildDictionary(io.ComfyNode):
                                tooltip="Benign prompts the gate threshold is calibrated on (full generations); "
                                        "default: benign_prompts. A separate, larger set calibrates better."),
             ],
-            outputs=_outputs(),
+            outputs=pack_outputs(),
             is_output_node=True,
         )
 
@@ -212,7 +212,7 @@ class BuildDictionary(io.ComfyNode):
         calibration = None
         if calibration_prompts not in (None, SAME_AS_BENIGN):
             calibration = read_prompts(calibration_prompts, None, seed + 3, n, "calibration_prompts")
-        settings = BuildSettings(capture_steps=sampling["capture_steps"], positions=_positions(candidate_positions),
+        settings = BuildSettings(capture_steps=sampling["capture_steps"], positions=position_list(candidate_positions),
                                  routed=routed_count, expansion=sae_expansion, k=sae_k, epochs=sae_epochs,
                                  max_tokens=sampling["max_tokens_per_row"], seed=seed)
         reporter = ComfyReporter()
@@ -252,7 +252,7 @@ class AdaptDictionary(io.ComfyNode):
                 SafeDIGDict.Input("dictionary", optional=True,
                                   tooltip=f"The pack to adapt when `pack` is {FROM_INPUT}."),
             ],
-            outputs=_outputs(),
+            outputs=pack_outputs(),
             is_output_node=True,
         )
 

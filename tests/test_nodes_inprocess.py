@@ -480,3 +480,29 @@ def test_load_bundled_model_lists_generators_by_their_config_not_the_judge(nodes
         assert "is not a bundled generator" in bm.LoadBundledModel.validate_inputs("judge.safetensors")
     finally:
         folder_paths.folder_names_and_paths[bm.FOLDER][0].remove(str(tmp_path))
+
+
+def test_combine_dictionaries_node_writes_a_detect_and_steer_pack(nodes, tmp_path, monkeypatch):
+    """SafeDIG Combine Dictionaries on the shipped pack with itself: single.0.out detects, input.txt steers."""
+    import folder_paths
+
+    from safedig_core.pack import USE_DETECT, USE_STEER, load_pack
+
+    nodes.packs.register_folder()
+    monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path))  # the new pack goes to tmp/safedig/
+    shipped = "bundled_hazard_to_toxic.safetensors"
+    node = nodes.combine.CombineDictionaries
+    assert "detect_positions is empty" in node.validate_inputs(shipped, " , ", shipped, "input.txt", "x")
+    out = node.execute(detect_pack=shipped, detect_positions="single.0.out", steer_pack=shipped,
+                       steer_positions="input.txt", pack_name="combined", overwrite=False)
+    pack = load_pack(tmp_path / "safedig" / "combined.safetensors")
+    assert pack.positions_that(USE_DETECT) == ["single.0.out"] and pack.positions_that(USE_STEER) == ["input.txt"]
+    original = load_pack(nodes.packs.resolve_pack(shipped))
+    assert pack.domain_features("toxic", "single.0.out").tau == original.domain_features("toxic", "single.0.out").tau
+    assert out.result[0].pack.path == str(tmp_path / "safedig" / "combined.safetensors")
+    with pytest.raises(SafeDIGError, match="already exists"):
+        node.execute(detect_pack=shipped, detect_positions="single.0.out", steer_pack=shipped,
+                     steer_positions="input.txt", pack_name="combined", overwrite=False)
+    with pytest.raises(PackError, match="both detect and steer"):
+        node.execute(detect_pack=shipped, detect_positions="input.txt", steer_pack=shipped,
+                     steer_positions="input.txt", pack_name="combined", overwrite=True)

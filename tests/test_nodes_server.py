@@ -159,7 +159,8 @@ def _documented_inputs() -> dict[str, dict[str, tuple[str, str]]]:
 def test_object_info_matches_the_documented_inputs(comfyui):
     documented = _documented_inputs()
     assert {"SafeDIGLoadDictionary", "SafeDIGSteer", "SafeDIGReport", "SafeDIGBuildDictionary",
-            "SafeDIGAdaptDictionary", "SafeDIGLoadBundledModel", "SafeDIGBundledTextEncode",
+            "SafeDIGAdaptDictionary", "SafeDIGCombineDictionaries", "SafeDIGLoadBundledModel",
+            "SafeDIGBundledTextEncode",
             "SafeDIGLoadBundledTextEncoder", "SafeDIGBundledEmptyLatent",
             "SafeDIGBundledLatentToImage"} == set(documented)
     info = comfyui.object_info()
