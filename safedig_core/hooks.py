@@ -171,7 +171,7 @@ class _SteeringHook:
         if s.on_scores is not None and scores and gates:
             s.on_scores(self.position, scores[0], gates[0])
         s.ran.add(self.position)
-        s.edited_before |= weights[0].edits
+        s.edited_before |= weights[0].edits and not s.params.is_identity
         return None if steered is output else steered
 
 
