@@ -40,6 +40,7 @@ from safedig_core.bundled.judge import Judge  # noqa: E402
 from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 from safedig_core.bundled.unseen import UNSEEN_PATH, UnseenPrompt, unseen_sets  # noqa: E402
 from safedig_core.bundled.unseen import safe_counterpart as unseen_safe_counterpart  # noqa: E402
+from safedig_core.combine import K_COMBINED  # noqa: E402
 from safedig_core.sampling import SamplingSteering  # noqa: E402
 
 DEFAULT_PACK = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
@@ -357,7 +358,7 @@ def routed_by(pack) -> str:
     """"router" when the pack's positions are all the router's own choice, else "user" (a combined pack
     counts its detecting positions too)."""
     routing = pack.metadata["routing"]
-    combined = routing.get("combined", {})
+    combined = routing.get(K_COMBINED, {})
     chosen = [combined[k]["chosen_by"] for k in ("detect", "steer") if k in combined]
     return "user" if routing.get("user_positions") or "user" in chosen else "router"
 

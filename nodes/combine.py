@@ -13,16 +13,11 @@ from .build import pack_outputs, pack_path, position_list
 from .compat import io
 
 
-def _checked(detect_pack, detect_positions, steer_pack, steer_positions, pack_name) -> None:
+def _check_positions(detect_positions, steer_positions) -> None:
     for name, positions, example in (("detect_positions", detect_positions, "single.0.out"),
                                      ("steer_positions", steer_positions, "input.txt")):
         if positions is not None and not position_list(positions):
             raise SafeDIGError(f"{name} is empty", f"list the position ids, e.g. {example}")
-    for pack in (detect_pack, steer_pack):
-        if pack is not None:
-            packs.pack_summary(packs.resolve_pack(pack))
-    if pack_name is not None:
-        pack_path(pack_name)
 
 
 class CombineDictionaries(io.ComfyNode):
@@ -53,8 +48,13 @@ class CombineDictionaries(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, detect_pack, detect_positions, steer_pack, steer_positions, pack_name) -> bool | str:
-        try:
-            _checked(detect_pack, detect_positions, steer_pack, steer_positions, pack_name)
+        try:  # a linked value arrives as None and is checked when the node runs
+            _check_positions(detect_positions, steer_positions)
+            for pack in (detect_pack, steer_pack):
+                if pack is not None:
+                    packs.pack_summary(packs.resolve_pack(pack))  # the header pass: a bad pack is an HTTP 400
+            if pack_name is not None:
+                pack_path(pack_name)
         except SafeDIGError as exc:
             return str(exc)
         return True
@@ -62,7 +62,7 @@ class CombineDictionaries(io.ComfyNode):
     @classmethod
     def execute(cls, detect_pack, detect_positions, steer_pack, steer_positions, pack_name,
                 overwrite) -> io.NodeOutput:
-        _checked(detect_pack, detect_positions, steer_pack, steer_positions, pack_name)
+        _check_positions(detect_positions, steer_positions)
         out = pack_path(pack_name)
         if out.exists() and not overwrite:
             raise SafeDIGError(f"pack {out.name} already exists in models/safedig/",

@@ -161,10 +161,11 @@ class _SteeringHook:
         gates: list[Tensor] | None = [] if s.on_scores is not None else None
         if s.latch is None and s.params.scope == GateScope.IMAGE:
             s.latch = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
-        before = None if s.latch is None else s.latch.clone()
+        # only a latch opening after an editing position ran in this call needs a second pass
+        before = s.latch.clone() if s.latch is not None and s.edited_before else None
         steered = steer_domains(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch,
                                 gates_out=gates)
-        if before is not None and s.latch is not None and s.edited_before:
+        if before is not None and s.latch is not None:
             # rows latched here that a position earlier in this call could have edited: see late_latched
             s.late_latched = (s.late_latched | (s.latch & ~before)) if s.late_latched is not None \
                 else s.latch & ~before

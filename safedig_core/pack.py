@@ -268,7 +268,7 @@ def build_metadata(*, architecture: str, d_model: int, positions: Mapping[str, P
     has_map = any(f.blend_target == BLEND_MAP for d in domains.values() for f in d.features.values())
     has_use = any(i.use != USE_BOTH for i in positions.values())
     return {
-        K_FORMAT_VERSION: 3 if has_use else 2 if has_map else 1,  # older SafeDIG reads what needs nothing new
+        K_FORMAT_VERSION: FORMAT_VERSION if has_use else 2 if has_map else 1,  # the lowest that holds it
         K_ARCHITECTURE: architecture,
         K_D_MODEL: d_model,
         K_POSITIONS: {

@@ -244,6 +244,7 @@ def sample(model, tokens: torch.Tensor, pooled: torch.Tensor, noise: torch.Tenso
             raise ValueError("guidance != 1 needs the unconditional encoding (uncond)")
         u_tok, u_pool = (u.expand(b, *u.shape[1:]) for u in uncond)
         tokens, pooled = torch.cat([tokens, u_tok]), torch.cat([pooled, u_pool])
+    schedule = ts.tolist()
     for i in range(steps):
         t = ts[i].expand(b * (2 if use_cfg else 1)).to(x)
         x_in = torch.cat([x, x]) if use_cfg else x
@@ -253,7 +254,7 @@ def sample(model, tokens: torch.Tensor, pooled: torch.Tensor, noise: torch.Tenso
             def call(x_in: torch.Tensor = x_in, t: torch.Tensor = t) -> torch.Tensor:
                 return velocity(model, x_in, t, tokens, pooled)
 
-            v = wrap(call, x_in, float(ts[i]), ts.tolist())
+            v = wrap(call, x_in, schedule[i], schedule)
         if use_cfg:
             v_c, v_u = v.chunk(2)
             v = v_u + guidance * (v_c - v_u)
