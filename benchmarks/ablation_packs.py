@@ -30,11 +30,18 @@ from safedig_core.training.cli import BUILD_PACK_HARMFUL_FROM  # noqa: E402
 from safedig_core.training.collect import world_prompts  # noqa: E402
 from safedig_core.training.features import FeatureConfig  # noqa: E402
 from safedig_core.training.generators import BundledGenerator  # noqa: E402
-from safedig_core.training.pipeline import run_adapt, run_export, run_features, run_train  # noqa: E402
+from safedig_core.training.pipeline import (  # noqa: E402
+    choose_blend_target,
+    run_adapt,
+    run_export,
+    run_features,
+    run_train,
+)
 from safedig_core.training.sae_training import AdaptConfig, SAEConfig  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "ablation_packs"
 SHIPPED = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
+STEER_PAIRS = 24  # matched pairs the learned target is chosen on (build-pack's --steer-pairs default)
 PREVIOUS_SHIPPED_COMMIT = "2a21c8d"  # the last commit that shipped the single.0.out pack
 
 
@@ -72,6 +79,7 @@ def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
     run_features(run, "hazard", "source", calib, FeatureConfig.for_sets(BUILD_PACK_HARMFUL_FROM.split(",")),
                  generator)
     run_adapt(run, "toxic", "target", AdaptConfig(seed=seed))
+    choose_blend_target(run, generator, ["source", "target"], STEER_PAIRS)  # the learned target, as build-pack
     OUT.mkdir(parents=True, exist_ok=True)
     return run_export(run, OUT / f"{kind}.safetensors", {"ablation": kind})
 

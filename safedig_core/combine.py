@@ -26,7 +26,6 @@ from . import __version__
 from .errors import PackError
 from .pack import (
     BLEND_ANCHOR,
-    BLEND_MAP,
     K_ADAPTED_FROM,
     K_DOMAINS,
     K_PROVENANCE,
@@ -38,7 +37,7 @@ from .pack import (
     DomainEntry,
     DomainFeatures,
     PositionInfo,
-    blend_map_key,
+    blend_tensor_key,
     build_metadata,
     decoder_key,
     encoder_key,
@@ -94,11 +93,12 @@ def combine_packs(detector: DictionaryPack, detect_at: Sequence[str], steerer: D
             for name in ("W_dec", "b_dec"):
                 tensors[decoder_key(d, p, name)] = pack.tensors[decoder_key(d, p, name)]
             f = pack.domain_features(d, p)
-            keeps_map = use == USE_STEER and f.blend_target == BLEND_MAP
-            if keeps_map:
-                tensors[blend_map_key(d, p)] = pack.tensors[blend_map_key(d, p)]
-            features[d][p] = DomainFeatures(f.harmful_weights, f.anchor_ids, f.anchor_values, f.tau, f.extra,
-                                            BLEND_MAP if keeps_map else BLEND_ANCHOR)
+            # a detecting position edits nothing: only steering positions keep their learned Blend target
+            target = f.blend_target if use == USE_STEER else BLEND_ANCHOR
+            key = blend_tensor_key(d, p, target)
+            if key is not None:
+                tensors[key] = pack.tensors[key]
+            features[d][p] = DomainFeatures(f.harmful_weights, f.anchor_ids, f.anchor_values, f.tau, f.extra, target)
     entries = {d: DomainEntry(features[d], steerer.metadata[K_DOMAINS][d].get(K_ADAPTED_FROM),
                               {"calibration": detector.metadata[K_DOMAINS][d].get("calibration", {})})
                for d in steerer.domains}

@@ -120,6 +120,7 @@ class SteeringDictionary:
             return t[name].to(device=device, dtype=dtype)
 
         blend_map = self.pack.blend_map(domain, position)
+        affine = self.pack.blend_affine(domain, position)
         anchor = torch.zeros(info.d_sae, dtype=dtype, device=device)
         if feats.anchor_ids:
             anchor[torch.tensor(feats.anchor_ids, device=device)] = torch.tensor(
@@ -137,6 +138,7 @@ class SteeringDictionary:
             anchor=anchor,
             tau=feats.tau,
             blend_map=None if blend_map is None else blend_map.to(device=device, dtype=dtype),
+            blend_affine=None if affine is None else affine.to(device=device, dtype=dtype),
             detects=info.detects,
             edits=info.edits,
         )

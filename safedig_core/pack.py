@@ -35,10 +35,11 @@ from .positions import Architecture, ModelPositions, get_architecture
 
 PACK_SUFFIX = ".safetensors"
 METADATA_KEY = "safedig"
-# 2 adds learned Blend maps, 3 the positions' use (detect / steer); a pack is written with the lowest version
-# that holds what it uses, so older SafeDIG keeps reading packs that need nothing new
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+# 2 adds learned Blend maps, 3 the positions' use (detect / steer), 4 the affine Blend target; a pack is
+# written with the lowest version that holds what it uses, so older SafeDIG keeps reading packs that need
+# nothing new
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 # Metadata keys (one place; readers and writers both use these).
 K_FORMAT_VERSION = "format_version"
@@ -69,8 +70,12 @@ K_HARMFUL_WEIGHTS = "harmful_weights"
 K_ANCHOR_IDS = "safe_anchor_ids"
 K_ANCHOR_VALUES = "safe_anchor_values"
 K_TAU = "tau"
-K_BLEND_TARGET = "blend_target"  # "anchor" (the constant safe anchor; the default) or "map" (learned)
-BLEND_ANCHOR, BLEND_MAP = "anchor", "map"
+# "anchor" (the constant safe anchor; the default), "map" (learned, on the harmful code) or "affine" (learned,
+# on the activation)
+K_BLEND_TARGET = "blend_target"
+BLEND_ANCHOR, BLEND_MAP, BLEND_AFFINE = "anchor", "map", "affine"
+# The lowest pack format version that holds each learned Blend target
+BLEND_TARGET_VERSION = {BLEND_MAP: 2, BLEND_AFFINE: 4}
 
 ROLE_SOURCE, ROLE_TARGET = "source", "target"
 STORAGE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -94,6 +99,19 @@ def decoder_key(domain: str, position: str, name: str) -> str:
 
 def blend_map_key(domain: str, position: str) -> str:
     return f"blend.{domain}.{position}.map"
+
+
+def blend_affine_key(domain: str, position: str) -> str:
+    return f"blend.{domain}.{position}.affine"
+
+
+def blend_tensor_key(domain: str, position: str, blend_target: str) -> str | None:
+    """The tensor a learned Blend target is stored in, or None for the constant anchor (no tensor)."""
+    if blend_target == BLEND_MAP:
+        return blend_map_key(domain, position)
+    if blend_target == BLEND_AFFINE:
+        return blend_affine_key(domain, position)
+    return None
 
 
 @dataclass(frozen=True)
@@ -203,6 +221,12 @@ class DictionaryPack:
         key = blend_map_key(domain, position)
         return self.tensors.get(key) if self.domain_features(domain, position).blend_target == BLEND_MAP else None
 
+    def blend_affine(self, domain: str, position: str) -> torch.Tensor | None:
+        """The learned affine Blend target [d_model + 1, d_model] (last row: the bias) of a domain at a
+        position, or None where the domain blends another way."""
+        key = blend_affine_key(domain, position)
+        return self.tensors.get(key) if self.domain_features(domain, position).blend_target == BLEND_AFFINE else None
+
     def without_blend_maps(self) -> DictionaryPack:
         """This pack with every domain blending to its constant anchor (the learned maps dropped): the
         pre-map Blend, kept for comparison (benchmarks/safety_table.py). In memory only."""
@@ -265,10 +289,10 @@ def build_metadata(*, architecture: str, d_model: int, positions: Mapping[str, P
             fields[K_ADAPTED_FROM] = d.adapted_from
         return with_extra(d.extra, fields)
 
-    has_map = any(f.blend_target == BLEND_MAP for d in domains.values() for f in d.features.values())
-    has_use = any(i.use != USE_BOTH for i in positions.values())
+    needs = [BLEND_TARGET_VERSION.get(f.blend_target, 1) for d in domains.values() for f in d.features.values()]
+    needs.append(3 if any(i.use != USE_BOTH for i in positions.values()) else 1)
     return {
-        K_FORMAT_VERSION: FORMAT_VERSION if has_use else 2 if has_map else 1,  # the lowest that holds it
+        K_FORMAT_VERSION: max(needs),  # the lowest version that holds what the pack uses
         K_ARCHITECTURE: architecture,
         K_D_MODEL: d_model,
         K_POSITIONS: {
@@ -309,8 +333,8 @@ def with_domain(pack: DictionaryPack, domain: str, entry: DomainEntry,
                 decoders: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                 position_metrics: Mapping[str, Mapping[str, float]], out: str | os.PathLike,
                 adaptation: Mapping[str, Any], blend_maps: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """A copy of `pack` with one more (adapted) domain: its decoder (and learned Blend map, where its
-    features say "map") per position, its features, metrics added to each position's and the adaptation
+    """A copy of `pack` with one more (adapted) domain: its decoder (and learned Blend target, where its
+    features name one) per position, its features, metrics added to each position's and the adaptation
     appended to provenance["adaptations"]. Written by save_pack."""
     meta = pack.metadata
     positions = {}
@@ -335,7 +359,10 @@ def with_domain(pack: DictionaryPack, domain: str, entry: DomainEntry,
         tensors[decoder_key(domain, p, "W_dec")] = w.to(dtype)
         tensors[decoder_key(domain, p, "b_dec")] = b.to(dtype)
     for p, mapping in (blend_maps or {}).items():
-        tensors[blend_map_key(domain, p)] = mapping.float()
+        key = blend_tensor_key(domain, p, entry.features[p].blend_target)
+        if key is None:
+            raise ValueError(f"{domain}/{p} blends to its anchor: it has no learned target to store")
+        tensors[key] = mapping.float()
     return save_pack(out, new_meta, tensors)
 
 
@@ -540,7 +567,8 @@ USE = Leaf(f"{USE_BOTH!r}, {USE_DETECT!r} or {USE_STEER!r}", lambda x: x in (USE
 POSITION_SCHEMA = Obj({K_D_MODEL: SIZE, K_D_SAE: SIZE, K_K: SIZE, K_SCALE: POSITIVE,
                        K_HARMFUL_IDS: ListOf(LATENT_ID, min_len=1)},
                       optional={K_METRICS: MapOf(FINITE), K_USE: USE})
-BLEND_TARGET = Leaf(f"{BLEND_ANCHOR!r} or {BLEND_MAP!r}", lambda x: x in (BLEND_ANCHOR, BLEND_MAP))
+BLEND_TARGET = Leaf(f"{BLEND_ANCHOR!r}, {BLEND_MAP!r} or {BLEND_AFFINE!r}",
+                    lambda x: x in (BLEND_ANCHOR, BLEND_MAP, BLEND_AFFINE))
 FEATURES_SCHEMA = Obj({K_HARMFUL_WEIGHTS: ListOf(NON_NEGATIVE), K_ANCHOR_IDS: ListOf(LATENT_ID),
                        K_ANCHOR_VALUES: ListOf(FINITE), K_TAU: FINITE}, optional={K_BLEND_TARGET: BLEND_TARGET})
 DOMAIN_SCHEMA = Obj({K_ROLE: ROLE, K_FEATURES: MapOf(FEATURES_SCHEMA)}, optional={K_ADAPTED_FROM: NAME})
@@ -666,8 +694,10 @@ def _domain_problem(meta: dict[str, Any]) -> str | None:
             n_harm, d_sae = len(positions[pos][K_HARMFUL_IDS]), positions[pos][K_D_SAE]
             if len(f[K_HARMFUL_WEIGHTS]) != n_harm:
                 return f"{where}harmful_weights needs {n_harm} finite non-negative numbers (one per harmful id)"
-            if f.get(K_BLEND_TARGET) == BLEND_MAP and meta[K_FORMAT_VERSION] < 2:
-                return f"{where}blend_target 'map' needs pack format version 2, the pack says {meta[K_FORMAT_VERSION]}"
+            target = f.get(K_BLEND_TARGET, BLEND_ANCHOR)
+            if meta[K_FORMAT_VERSION] < BLEND_TARGET_VERSION.get(target, 1):
+                return f"{where}blend_target {target!r} needs pack format version {BLEND_TARGET_VERSION[target]}, " \
+                       f"the pack says {meta[K_FORMAT_VERSION]}"
             if len(f[K_ANCHOR_IDS]) != len(f[K_ANCHOR_VALUES]) or not all(i < d_sae for i in f[K_ANCHOR_IDS]):
                 return f"{where}safe anchor ids/values must be equal-length lists of latent ids below {d_sae} " \
                        "and finite numbers"
@@ -684,8 +714,11 @@ def expected_tensor_shapes(meta: dict[str, Any]) -> dict[str, list[int]]:
         for domain, entry in meta[K_DOMAINS].items():
             shapes[decoder_key(domain, pos, "W_dec")] = [info[K_D_SAE], d_model]
             shapes[decoder_key(domain, pos, "b_dec")] = [d_model]
-            if entry[K_FEATURES][pos].get(K_BLEND_TARGET) == BLEND_MAP:
+            target = entry[K_FEATURES][pos].get(K_BLEND_TARGET)
+            if target == BLEND_MAP:
                 shapes[blend_map_key(domain, pos)] = [len(info[K_HARMFUL_IDS]), info[K_D_SAE]]
+            elif target == BLEND_AFFINE:
+                shapes[blend_affine_key(domain, pos)] = [d_model + 1, d_model]
     return shapes
 
 

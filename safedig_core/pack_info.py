@@ -28,11 +28,11 @@ def _num(x) -> str:
 
 
 def _blend(pack: DictionaryPack, domain: str, position: str) -> str:
-    """'anchor', or 'map' with its fit (gain, decoded R^2) where the pack records one."""
+    """'anchor', or the learned target ('map', 'affine') with its fit (gain, R^2) where the pack records one."""
     f = pack.domain_features(domain, position)
     fit = f.extra.get("blend_fit") or {}
-    details = ",".join(f"{k}={_num(fit[k])}" for k in ("gain", "decoded_r2") if k in fit)
-    return f.blend_target + (f"({details})" if f.blend_target == "map" and details else "")
+    details = ",".join(f"{k}={_num(fit[k])}" for k in ("gain", "decoded_r2", "r2") if k in fit)
+    return f.blend_target + (f"({details})" if details else "")
 
 
 def format_pack(pack: DictionaryPack) -> str:

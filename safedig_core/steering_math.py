@@ -6,7 +6,8 @@ At a routed position, per token of the rows being steered:
     Repel:  x' = x - beta * s * sum_{j in H} z_j d_j
     Blend:  z_safe = z with z_H := 0, plus the learned target z_H M (a per-domain map, fit on matched
             pairs: training/blend_map.py) or, in packs without one, the constant safe anchor a;
-            x' = x + alpha * s * (D(z_safe) - D(z))
+            x' = x + alpha * s * (D(z_safe) - D(z));
+            or, with a learned affine target (fit on the pairs' activations), x' = x + alpha * ([x, 1] A)
     Both:   Blend, then Repel on the blended activation
 
 tau is the pack's calibrated threshold times tau_scale (or an override). With the image scope (an
@@ -222,6 +223,8 @@ class PositionWeights:
     anchor: Tensor  # [d_sae] dense safe anchor (zero outside the anchor ids)
     tau: float
     blend_map: Tensor | None = None  # [m, d_sae] learned Blend target z_H -> z_H M (None: blend to the anchor)
+    # [d_model + 1, d_model] learned affine Blend target: the steered token moves by [x, 1] A (last row: bias)
+    blend_affine: Tensor | None = None
     detects: bool = True  # False (a "steer" position): its own gate never opens; it edits latched images only
     edits: bool = True  # False (a "detect" position): its gate latches images but it changes nothing
 
@@ -335,7 +338,9 @@ def _edit(xc: Tensor, z: Tensor, gate: Tensor, w: PositionWeights, params: Steer
     new = xc
     if params.alpha:
         # D(z_safe) - D(z): the decoder bias and the SAE error term cancel out.
-        if w.blend_decoded is not None:
+        if w.blend_affine is not None:  # a move of the raw activation: undo the scale applied below
+            blend = (xc @ w.blend_affine[:-1] + w.blend_affine[-1]) / w.scale
+        elif w.blend_decoded is not None:
             blend = z[:, w.harmful_ids] @ w.blend_decoded
         else:
             blend = w.anchor_decoded - z[:, w.harmful_ids] @ w.W_dec_h

@@ -7,11 +7,13 @@ import torch
 
 from . import __version__
 from .pack import (
+    BLEND_AFFINE,
     BLEND_ANCHOR,
     BLEND_MAP,
     DomainEntry,
     DomainFeatures,
     PositionInfo,
+    blend_affine_key,
     blend_map_key,
     build_metadata,
     decoder_key,
@@ -22,10 +24,12 @@ from .pack import (
 def random_pack(architecture: str, d_model: int, positions: list[str], *, expansion: int = 4, k: int = 8,
                 n_harmful: int = 4, domains: tuple[str, ...] = ("source", "target"), tau: float = 0.0,
                 scale: float = 1.0, harmful_bias: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32,
-                blend_maps: bool = False):
+                blend_maps: bool | str = False):
     """(metadata, tensors) of a valid pack with random unit-norm decoders. The harmful latents get an
     encoder bias of `harmful_bias`, so they fire on most tokens; tau 0 then opens the gate wherever one
-    of them is in the TopK. With `blend_maps`, every domain blends with a random learned map."""
+    of them is in the TopK. With `blend_maps` True (or "map"), every domain blends with a random learned map;
+    with "affine", with a random learned affine target."""
+    target = BLEND_ANCHOR if not blend_maps else BLEND_AFFINE if blend_maps == BLEND_AFFINE else BLEND_MAP
     g = torch.Generator().manual_seed(seed)
     d_sae = expansion * d_model
     infos, tensors = {}, {}
@@ -48,9 +52,11 @@ def random_pack(architecture: str, d_model: int, positions: list[str], *, expans
             features[domain][pos] = DomainFeatures(
                 harmful_weights=(torch.rand(n_harmful, generator=g) + 0.5).tolist(), anchor_ids=anchor,
                 anchor_values=(torch.rand(len(anchor), generator=g) + 0.5).tolist(), tau=tau,
-                blend_target=BLEND_MAP if blend_maps else BLEND_ANCHOR)
-            if blend_maps:
+                blend_target=target)
+            if target == BLEND_MAP:
                 tensors[blend_map_key(domain, pos)] = 0.3 * torch.randn(n_harmful, d_sae, generator=g)
+            elif target == BLEND_AFFINE:
+                tensors[blend_affine_key(domain, pos)] = 0.1 * torch.randn(d_model + 1, d_model, generator=g)
     meta = build_metadata(
         architecture=architecture, d_model=d_model, positions=infos, source_domain=domains[0],
         domains={d: DomainEntry(features[d], adapted_from=domains[0] if i else None) for i, d in enumerate(domains)},

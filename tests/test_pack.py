@@ -343,8 +343,35 @@ def test_learned_blend_maps_round_trip_and_need_format_version_2(tmp_path):
         load_pack(_write_raw(tmp_path / "missing.safetensors", meta, missing))
     bad = json.loads(json.dumps(meta))
     bad["domains"]["target"]["features"]["single.1.out"]["blend_target"] = "nearest"
-    with pytest.raises(PackError, match=r"blend_target must be 'anchor' or 'map'"):
+    with pytest.raises(PackError, match=r"blend_target must be 'anchor', 'map' or 'affine'"):
         load_pack(_write_raw(tmp_path / "kind.safetensors", bad, tensors))
+
+
+def test_affine_blend_targets_round_trip_and_need_format_version_4(tmp_path):
+    from safedig_core.pack import blend_affine_key
+
+    meta, tensors = random_pack("flux", 16, POSITIONS, expansion=4, k=4, seed=3, blend_maps="affine")
+    assert meta["format_version"] == 4
+    pack = load_pack(save_pack(tmp_path / "a.safetensors", meta, tensors))
+    key = blend_affine_key("target", "single.1.out")
+    assert torch.equal(pack.blend_affine("target", "single.1.out"), tensors[key])
+    assert pack.blend_map("target", "single.1.out") is None  # one learned target per domain and position
+    assert pack.domain_features("target", "single.1.out").blend_target == "affine"
+    assert not any(k.startswith("blend.") for k in pack.without_blend_maps().tensors)
+    old = json.loads(json.dumps(meta))
+    old["format_version"] = 3
+    with pytest.raises(PackError, match=r"blend_target 'affine' needs pack format version 4, the pack says 3"):
+        load_pack(_write_raw(tmp_path / "v3.safetensors", old, tensors))
+    wrong = dict(tensors)
+    wrong[key] = torch.zeros(16, 16)  # the bias row missing
+    with pytest.raises(PackError, match=r"tensor 'blend\.target\.single\.1\.out\.affine' has shape \[16, 16\] but "
+                                        r"the metadata implies \[17, 16\]"):
+        load_pack(_write_raw(tmp_path / "shape.safetensors", meta, wrong))
+    nan = dict(tensors)
+    nan[key] = tensors[key].clone()
+    nan[key][0, 0] = float("nan")
+    with pytest.raises(PackError, match=r"tensor 'blend\.target\.single\.1\.out\.affine' contains NaN"):
+        load_pack(_write_raw(tmp_path / "nan.safetensors", meta, nan))
 
 
 def test_packs_without_maps_stay_format_version_1(pack_parts):

@@ -202,6 +202,48 @@ def test_learned_blend_maps_move_unsafe_tokens_toward_their_matched_safe_tokens(
             assert n > 0 and dists["map"] < dists["anchor"], (domain, pos, dists)
 
 
+def test_affine_blend_targets_export_as_format_4_and_move_unsafe_tokens_toward_their_safe_tokens(built, tmp_path):
+    """`apply_blend_choice(run, "affine", ...)` (what build-pack does when the affine target wins) exports a
+    format-4 pack whose domains blend with the affine target fit on both domains' pairs; steered through the
+    real steering code, the unsafe tokens of the pairs end nearer their aligned safe tokens than they started
+    (the ridge fit's own objective)."""
+    import shutil
+
+    from safedig_core.training.blend_map import _pair_rows, align_tokens, aligns_tokens
+    from safedig_core.training.collect import ActivationSet
+    from safedig_core.training.pipeline import apply_blend_choice, fit_shared_affines, run_affines, run_export
+
+    run = tmp_path / "run"
+    shutil.copytree(built / "run", run, symlinks=True)
+    assert not run_affines(run)  # the stages before build-pack's choice fit no affine target
+    fit_shared_affines(run, ["source", "target"])
+    affines = run_affines(run)
+    assert affines and {d for d, _ in affines} == {"hazard", "toxic"}
+    for p in {p for _, p in affines}:  # one fit on both domains' pairs, shared by the domains
+        assert torch.equal(affines[("hazard", p)], affines[("toxic", p)])
+    toxic = json.loads((run / "features" / "toxic.json").read_text())
+    assert all(toxic["positions"][p]["affine_fit"]["tokens"] > 0 and toxic["positions"][p]["affine_fit"]["pairs_from"]
+               == ["source", "target"] for _, p in affines)
+    apply_blend_choice(run, "affine", 1.0, {"affine x1": 0.5})
+    pack = load_pack(run_export(run, tmp_path / "affine.safetensors"))
+    assert pack.metadata["format_version"] == 4
+    for domain, set_name in (("hazard", "source"), ("toxic", "target")):
+        aset = ActivationSet(run / "collect" / set_name)
+        before = after = 0.0  # summed over the domain's positions: at some, no token of its pairs may fire
+        for pos in [p for d, p in affines if d == domain]:
+            f = pack.domain_features(domain, pos)
+            assert f.blend_target == "affine" and f.extra["blend_fit"]["choice_distances"] == {"affine x1": 0.5}
+            assert torch.equal(pack.blend_affine(domain, pos), affines[(domain, pos)])
+            w = SteeringDictionary(pack, domain).weights(pos, torch.device("cpu"), torch.float32)
+            for x_u, x_s in _pair_rows(aset, pos):
+                x_u, x_s = x_u.float(), x_s.float()
+                j = align_tokens(x_u, x_s) if aligns_tokens(pos) else torch.arange(len(x_u))
+                out = steer(x_u[None], w, SteeringParams(mode="blend", tau_override=0.0))[0]
+                before += float((x_u - x_s[j]).pow(2).sum())
+                after += float((out - x_s[j]).pow(2).sum())
+        assert after < before, (domain, before, after)
+
+
 def test_text_alignment_pairs_words_around_a_swapped_phrase():
     from safedig_core.training.blend_map import align_tokens
 

@@ -335,20 +335,36 @@ def test_blend_with_a_learned_map_moves_harmful_codes_to_their_mapped_codes():
     assert not torch.allclose(steer(x, anchored, p), out)
 
 
-@pytest.mark.parametrize("gain", [1.0, 1.5, 3.0])
-def test_a_map_with_gain_at_strength_one_equals_the_map_at_that_strength(gain):
-    from safedig_core.pack import blend_map_key
-    from safedig_core.training.blend_map import with_gain
+def test_blend_with_an_affine_target_moves_opened_tokens_by_their_affine_image():
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=4, scale=2.5,
+                                blend_maps="affine")
+    pack = DictionaryPack("mem", meta, tensors)
+    w = SteeringDictionary(pack, "target").weights(POS, torch.device("cpu"), torch.float32)
+    assert w.blend_affine is not None and w.blend_map is None
+    x = activations(seed=5)
+    a = pack.blend_affine("target", POS)
+    out = steer(x, w, SteeringParams(mode="blend", blend_strength=0.5, tau_override=0.0))
+    expected = x + 0.5 * (x @ a[:-1] + a[-1])  # in raw activation units, whatever the SAE's scale
+    z = topk_relu((x / w.scale - w.b_pre) @ w.W_enc.T + w.b_enc, w.k)
+    opened = (z[..., w.harmful_ids] @ w.harmful_weights > 0)[..., None]
+    assert opened.any() and (~opened).any()
+    torch.testing.assert_close(out, torch.where(opened, expected, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[~opened.squeeze(-1)], x[~opened.squeeze(-1)])  # closed tokens: bitwise unchanged
 
-    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=6, blend_maps=True)
-    harmful = meta["positions"][POS]["harmful_ids"]
-    gained = dict(tensors)
-    for d in ("source", "target"):
-        gained[blend_map_key(d, POS)] = with_gain(tensors[blend_map_key(d, POS)], harmful, gain)
+
+@pytest.mark.parametrize("target", ["map", "affine"])
+def test_a_learned_target_at_gain_equals_it_at_that_strength(target):
+    from safedig_core.training.blend_map import blend_variant
+
+    meta, tensors = random_pack("flux", D, [POS], expansion=4, k=6, n_harmful=4, seed=6, blend_maps=target)
+    pack = DictionaryPack("mem", meta, tensors)
+    affines = {(d, POS): pack.blend_affine(d, POS) for d in pack.domains} if target == "affine" else {}
     x = activations(seed=7)
-    at_gain = steer(x, SteeringDictionary(DictionaryPack("mem", meta, tensors), "target").weights(
-        POS, torch.device("cpu"), torch.float32), SteeringParams(mode="blend", blend_strength=gain, tau_override=0.0))
-    at_one = steer(x, SteeringDictionary(DictionaryPack("mem", meta, gained), "target").weights(
-        POS, torch.device("cpu"), torch.float32), SteeringParams(mode="blend", tau_override=0.0))
+
+    def steered(p, strength):
+        w = SteeringDictionary(p, "target").weights(POS, torch.device("cpu"), torch.float32)
+        return steer(x, w, SteeringParams(mode="blend", blend_strength=strength, tau_override=0.0))
+
+    at_one = steered(blend_variant(pack, target, 1.5, affines), 1.0)
     assert not torch.equal(at_one, x)
-    torch.testing.assert_close(at_one, at_gain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(at_one, steered(pack, 1.5), rtol=1e-5, atol=1e-5)

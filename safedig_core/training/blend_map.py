@@ -17,11 +17,24 @@ domain, on that domain's own pairs, and decoded with that domain's decoder when 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from ..pack import (
+    BLEND_AFFINE,
+    BLEND_MAP,
+    BLEND_TARGET_VERSION,
+    K_BLEND_TARGET,
+    K_DOMAINS,
+    K_FEATURES,
+    K_FORMAT_VERSION,
+    DictionaryPack,
+    blend_affine_key,
+    blend_map_key,
+)
 from ..positions import PositionParts
 from ..sae import TopKSAE
 from .collect import ActivationSet
@@ -85,6 +98,26 @@ def _pair_rows(aset: ActivationSet, position: str):
                 yield (x, partner) if rec.label == 1 else (partner, x)
 
 
+def _active_tokens(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, harmful: Tensor):
+    """Yield (codes [n, d_sae], activations [n, d_model], aligned safe activations [n, d_model]) of the unsafe
+    tokens of every matched pair (and captured step) of `sets` where a harmful latent fires."""
+    align = aligns_tokens(position)
+    for aset in sets:
+        for x_u, x_s in _pair_rows(aset, position):
+            x_u, x_s = x_u.float(), x_s.float()
+            z_u = sae.encode(x_u)
+            active = z_u[:, harmful].sum(-1) > 0
+            if active.any():
+                j = align_tokens(x_u, x_s) if align else torch.arange(len(x_u)).clamp(max=len(x_s) - 1)
+                yield z_u[active], x_u[active], x_s[j[active]]
+
+
+def _ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
+    """argmin_W |A W - Y|^2 + lam |W|^2 from gram = A^T A and cross = A^T Y, lam relative to gram's mean diagonal."""
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), cross)
+
+
 @torch.no_grad()
 def fit_blend_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, harmful_ids: Sequence[int],
                   ridge: float = RIDGE, w_dec: Tensor | None = None) -> tuple[Tensor, dict]:
@@ -101,30 +134,21 @@ def fit_blend_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, ha
     cross_dec = torch.zeros(m, w.shape[1], dtype=torch.float64)
     want_sum = torch.zeros(w.shape[1], dtype=torch.float64)
     want_sq, n_tokens = 0.0, 0
-    align = aligns_tokens(position)
-    for aset in sets:
-        for x_u, x_s in _pair_rows(aset, position):
-            x_u, x_s = x_u.float(), x_s.float()
-            z_u = sae.encode(x_u)
-            active = z_u[:, h].sum(-1) > 0
-            if not active.any():
-                continue
-            j = align_tokens(x_u, x_s) if align else torch.arange(len(x_u)).clamp(max=len(x_s) - 1)
-            z_h = z_u[active][:, h].double()
-            rest = z_u[active].clone()
-            rest[:, h] = 0
-            target = (sae.encode(x_s[j[active]]) - rest).double()
-            want = target @ w
-            gram += z_h.T @ z_h
-            cross += z_h.T @ target
-            cross_dec += z_h.T @ want
-            want_sum += want.sum(0)
-            want_sq += float(want.pow(2).sum())
-            n_tokens += len(z_h)
+    for z_u, _, x_s in _active_tokens(sae, sets, position, h):
+        z_h = z_u[:, h].double()
+        rest = z_u.clone()
+        rest[:, h] = 0
+        target = (sae.encode(x_s) - rest).double()
+        want = target @ w
+        gram += z_h.T @ z_h
+        cross += z_h.T @ target
+        cross_dec += z_h.T @ want
+        want_sum += want.sum(0)
+        want_sq += float(want.pow(2).sum())
+        n_tokens += len(z_h)
     if n_tokens == 0:
         return torch.zeros(m, d_sae), {"tokens": 0, "decoded_r2": 0.0}
-    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    mapping = torch.linalg.solve(gram + lam * torch.eye(m, dtype=torch.float64), cross)
+    mapping = _ridge_solve(gram, cross, ridge)
     decoded = mapping @ w  # P = M W: got = z_H P, so SSE = sum|want|^2 - 2 tr(P^T C) + tr(P^T G P)
     sse = want_sq - 2 * float((decoded * cross_dec).sum()) + float((decoded * (gram @ decoded)).sum())
     total = want_sq - float(want_sum.pow(2).sum()) / n_tokens
@@ -132,9 +156,48 @@ def fit_blend_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, ha
     return mapping.float(), {"tokens": n_tokens, "decoded_r2": round(r2, 4)}
 
 
-# Gains `choose_gain` tries: the ridge fit is the L2-best move on the fit tokens, but a partial move of
-# the code leaves the concept recognisable (docs/method.md section 6), so the build picks how far to go.
-GAINS = (1.0, 1.5, 2.0, 3.0)
+# Ridge strength of the affine target, relative to the mean diagonal of [x, 1]^T [x, 1]: d_model + 1 inputs
+# against thousands of tokens need little.
+AFFINE_RIDGE = 1e-3
+
+
+@torch.no_grad()
+def fit_affine_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, harmful_ids: Sequence[int],
+                   ridge: float = AFFINE_RIDGE) -> tuple[Tensor, dict]:
+    """A [d_model + 1, d_model] (last row: bias) with  [x_unsafe, 1] A ~ x_safe - x_unsafe, fit by ridge on the
+    unsafe tokens of the matched pairs of `sets` where a harmful latent fires (those the gate steers in a
+    latched image), paired with their safe tokens as in `fit_blend_map`; and fit figures: tokens used and r2,
+    the share of the safe-minus-unsafe change it explains on them.
+
+    The second Blend design of docs/method.md section 6: it reads the whole activation, not the harmful code
+    alone, so it can tell which words around the concept the safe counterpart keeps. It needs no decoder, so
+    one fit on every domain's pairs serves them all (pipeline.fit_shared_affines)."""
+    h = torch.tensor(list(harmful_ids), dtype=torch.long)
+    d = sae.d_model
+    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    cross = torch.zeros(d + 1, d, dtype=torch.float64)
+    want_sum = torch.zeros(d, dtype=torch.float64)
+    want_sq, n_tokens = 0.0, 0
+    for _, x_u, x_s in _active_tokens(sae, sets, position, h):
+        inputs = torch.cat([x_u, torch.ones(len(x_u), 1)], 1).double()
+        want = (x_s - x_u).double()
+        gram += inputs.T @ inputs
+        cross += inputs.T @ want
+        want_sum += want.sum(0)
+        want_sq += float(want.pow(2).sum())
+        n_tokens += len(want)
+    if n_tokens == 0:
+        return torch.zeros(d + 1, d), {"tokens": 0, "r2": 0.0}
+    affine = _ridge_solve(gram, cross, ridge)
+    sse = want_sq - 2 * float((affine * cross).sum()) + float((affine * (gram @ affine)).sum())
+    total = want_sq - float(want_sum.pow(2).sum()) / n_tokens
+    return affine.float(), {"tokens": n_tokens, "r2": round(1.0 - sse / max(total, 1e-12), 4)}
+
+
+# The learned targets `choose_blend` tries, each at these gains: the ridge fits are the L2-best move on the fit
+# tokens, but a partial move leaves the concept recognisable (docs/method.md section 6), so the build picks
+# the design and how far to go.
+GAINS = {BLEND_MAP: (1.0, 1.5, 2.0, 3.0), BLEND_AFFINE: (1.0, 1.5)}
 
 
 def with_gain(mapping: Tensor, harmful_ids: Sequence[int], gain: float) -> Tensor:
@@ -145,13 +208,45 @@ def with_gain(mapping: Tensor, harmful_ids: Sequence[int], gain: float) -> Tenso
     return out
 
 
+def gained(target: str, tensor: Tensor, harmful_ids: Sequence[int], gain: float) -> Tensor:
+    """A learned Blend target scaled so that Blend at strength 1 moves `gain` times as far (an affine target's
+    move [x, 1] A is linear in A)."""
+    return with_gain(tensor, harmful_ids, gain) if target == BLEND_MAP else gain * tensor.float()
+
+
+def blend_variant(pack: DictionaryPack, target: str, gain: float,
+                  affines: Mapping[tuple[str, str], Tensor] | None = None) -> DictionaryPack:
+    """`pack` (built with its learned maps) in memory with every learned target at `gain`; for target
+    BLEND_AFFINE, the positions in `affines` {(domain, position): A} blend with those instead of their maps."""
+    affines = affines or {}
+    meta = json.loads(json.dumps(pack.metadata))
+    tensors = dict(pack.tensors)
+    for d in pack.domains:
+        for p in pack.positions:
+            harmful = pack.position_info(p).harmful_ids
+            if target == BLEND_AFFINE and (d, p) in affines:
+                tensors.pop(blend_map_key(d, p), None)
+                tensors[blend_affine_key(d, p)] = gained(BLEND_AFFINE, affines[(d, p)], harmful, gain)
+                meta[K_DOMAINS][d][K_FEATURES][p][K_BLEND_TARGET] = BLEND_AFFINE
+            elif (m := pack.blend_map(d, p)) is not None:
+                tensors[blend_map_key(d, p)] = gained(BLEND_MAP, m, harmful, gain)
+    meta[K_FORMAT_VERSION] = max(meta[K_FORMAT_VERSION], BLEND_TARGET_VERSION[BLEND_AFFINE]
+                                 if target == BLEND_AFFINE and affines else 0)
+    return DictionaryPack(pack.path, meta, tensors)
+
+
+def candidate_label(target: str, gain: float) -> str:
+    return f"{target} x{gain:g}"
+
+
 @torch.no_grad()
-def choose_gain(pack, generator, pairs: Sequence, params, gains: Sequence[float] = GAINS) -> tuple[float, dict]:
-    """The gain (applied to every map of `pack`) whose steered generations of the unsafe prompts of
-    `pairs` [(unsafe, safe) PromptRecords] end nearest their safe prompts' generations (final-latent
-    distance, mean over pairs; no judge). Returns (gain, {gain: distance relative to unsteered})."""
+def choose_blend(pack: DictionaryPack, affines: Mapping[tuple[str, str], Tensor], generator, pairs: Sequence,
+                 params, gains: Mapping[str, Sequence[float]] = GAINS) -> tuple[tuple[str, float], dict[str, float]]:
+    """The learned target and gain (one choice for every domain and position of `pack`) whose steered
+    generations of the unsafe prompts of `pairs` [(unsafe, safe) PromptRecords] end nearest their safe prompts'
+    generations (final-latent distance, mean over pairs; no judge). Returns ((target, gain),
+    {candidate label: distance relative to unsteered}); ties go to the map, then the smaller gain."""
     from ..hooks import ALL_DOMAINS, SteeringDictionary, SteeringHooks
-    from ..pack import DictionaryPack, blend_map_key
     from .steerability import distance, final_latents
 
     unsafe = [u for u, _ in pairs]
@@ -159,16 +254,12 @@ def choose_gain(pack, generator, pairs: Sequence, params, gains: Sequence[float]
     base = distance(final_latents(generator, unsafe), target).clamp_min(1e-8)
     rows = torch.zeros(2 * len(unsafe) if generator.cond_rows(2) != slice(None) else len(unsafe), dtype=torch.bool)
     rows[generator.cond_rows(len(rows))] = True
-    scores = {}
-    for g in gains:
-        tensors = dict(pack.tensors)
-        for d in pack.domains:
-            for p in pack.positions:
-                m = pack.blend_map(d, p)
-                if m is not None:
-                    tensors[blend_map_key(d, p)] = with_gain(m, pack.position_info(p).harmful_ids, g)
-        variant = SteeringDictionary(DictionaryPack(pack.path, pack.metadata, tensors), ALL_DOMAINS)
+    candidates = [(t, g) for t, gs in gains.items() if t == BLEND_MAP or affines for g in gs]
+    scores: dict[tuple[str, float], float] = {}
+    for t, g in candidates:
+        variant = SteeringDictionary(blend_variant(pack, t, g, affines), ALL_DOMAINS)
         with SteeringHooks(generator.model, variant, params, row_mask=rows):
             latent = final_latents(generator, unsafe)
-        scores[g] = round(float((distance(latent, target) / base).mean()), 4)
-    return min(scores, key=lambda g: (scores[g], g)), scores
+        scores[(t, g)] = round(float((distance(latent, target) / base).mean()), 4)
+    best = min(scores, key=lambda c: (scores[c], c[0] != BLEND_MAP, c[1]))
+    return best, {candidate_label(*c): v for c, v in scores.items()}

@@ -365,11 +365,8 @@ def _export(args) -> int:
 def _build_pack(args) -> int:
     from ..pack import load_pack
     from ..pack_info import format_pack
-    from ..steering_math import GateScope, Mode, SteeringParams
-    from .blend_map import choose_gain
     from .generators import BundledGenerator
-    from .pipeline import blend_to_anchor, scale_blend_maps
-    from .steerability import matched_pairs
+    from .pipeline import blend_to_anchor, choose_blend_target
 
     info = _setup(args)
     t0 = time.time()
@@ -403,12 +400,7 @@ def _build_pack(args) -> int:
     if args.blend_target == "anchor":
         blend_to_anchor(run)
     else:
-        gain, distances = choose_gain(load_pack(run_export(run, run / "pack-before-gain.safetensors")), generator,
-                                      matched_pairs(open_set(run, "source").prompts, args.steer_pairs // 2)
-                                      + matched_pairs(open_set(run, "target").prompts, args.steer_pairs // 2),
-                                      SteeringParams(mode=Mode.BLEND, scope=GateScope.IMAGE))
-        print(f"Blend map gain {gain} (final-latent distance to the safe generations, relative: {distances})")
-        scale_blend_maps(run, gain, distances)
+        choose_blend_target(run, generator, ["source", "target"], args.steer_pairs)
     wall = time.time() - t0
     path = run_export(run, args.out or run / "pack.safetensors",
                       {"build_pack_wall_seconds": round(wall, 1), "threads": args.threads, "seed": seed,

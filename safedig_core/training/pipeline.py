@@ -6,6 +6,7 @@
     calibration/{name}.safetensors   per-token harmful activations of full generations (features.py)
     features/{domain}.json    harmful ids/weights, safe anchor, tau, firing rates, per domain
     features/{domain}.maps.safetensors   the learned Blend map per position (blend_map.py)
+    features/{domain}.affine.safetensors the learned affine Blend target per position (blend_map.py)
     adapt/{domain}/{position}/  target-domain decoders
     export: one pack file with both decoders and the provenance of every stage
 """
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import SafeDIGError
 from ..pack import (
+    BLEND_AFFINE,
     BLEND_ANCHOR,
     BLEND_MAP,
     ROLE_SOURCE,
@@ -36,15 +38,16 @@ from ..pack import (
     DomainEntry,
     DomainFeatures,
     PositionInfo,
-    blend_map_key,
+    blend_tensor_key,
     build_metadata,
     decoder_key,
     encoder_key,
+    load_pack,
     save_pack,
 )
 from ..sae import SAEDecoder
 from . import distributed as dist
-from .blend_map import fit_blend_map, with_gain
+from .blend_map import candidate_label, choose_blend, fit_affine_map, fit_blend_map, gained
 from .collect import ActivationSet, PromptRecord
 from .features import (
     FeatureConfig,
@@ -235,8 +238,8 @@ def run_features(run: Path, domain: str, set_name: str, calib: Mapping[str, Sequ
 
 def _fit_blend_maps(run: Path, domain: str, entry: dict, saes: dict, pairs: ActivationSet,
                     decoders: Mapping[str, torch.Tensor] | None = None) -> None:
-    """The domain's learned Blend map per position, fit on its own pairs (blend_map.py), saved beside its
-    features; each position's entry records blend_target "map" and the fit."""
+    """The domain's learned Blend map per position, fit on its own pairs and decoded with its own decoder
+    (blend_map.py), saved beside its features; each position's entry records blend_target "map" and the fit."""
     maps = {}
     for p, sae in saes.items():
         f = entry["positions"][p]
@@ -246,6 +249,31 @@ def _fit_blend_maps(run: Path, domain: str, entry: dict, saes: dict, pairs: Acti
     _save_maps(run / "features" / f"{domain}.maps.safetensors", maps)
 
 
+def fit_shared_affines(run: Path, set_names: Sequence[str]) -> None:
+    """One affine Blend target per position (blend_map.fit_affine_map), fit on the matched pairs of every set
+    in `set_names` (e.g. the source and the target domain's) and stored for every domain of the run, with its
+    fit in each entry's "affine_fit": a token is steered by the domain whose gate opened widest, so domains
+    with targets fit apart would move neighbouring tokens of one image toward different places, and a few
+    dozen target pairs alone fit d_model + 1 inputs poorly. `apply_blend_choice` makes the domains use it."""
+    run = Path(run)
+    saes = _saes(run)
+    sets = [open_set(run, n) for n in set_names]
+    entries = {f.stem: f for f in sorted((run / "features").glob("*.json"))}
+    if not entries:
+        raise SafeDIGError("the run has no domain features yet", "run the `features` stage first", path=run)
+    harmful = json.loads(next(iter(entries.values())).read_text())["positions"]
+    affines, fits = {}, {}
+    for p, sae in saes.items():
+        affines[p], fits[p] = fit_affine_map(sae, sets, p, harmful[p]["harmful_ids"])
+        fits[p]["pairs_from"] = list(set_names)
+    for domain, path in entries.items():
+        entry = json.loads(path.read_text())
+        for p in saes:
+            entry["positions"][p]["affine_fit"] = dict(fits[p])
+        _save_maps(run / "features" / f"{domain}.affine.safetensors", affines)
+        _write_json(path, entry)
+
+
 def _save_maps(path: Path, maps: Mapping[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -253,18 +281,56 @@ def _save_maps(path: Path, maps: Mapping[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
-def scale_blend_maps(run: Path, gain: float, distances: Mapping[float, float]) -> None:
-    """Apply `gain` (blend_map.choose_gain) to every domain's fitted maps in the run, and record it."""
-    for f in sorted((Path(run) / "features").glob("*.maps.safetensors")):
-        entry_path = f.with_name(f.name.replace(".maps.safetensors", ".json"))
+def run_affines(run: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """{(domain, position): affine Blend target} of every domain of the run whose maps were fit."""
+    out = {}
+    for f in sorted((Path(run) / "features").glob("*.affine.safetensors")):
+        domain = f.name.removesuffix(".affine.safetensors")
+        entry = json.loads(f.with_name(f"{domain}.json").read_text())
+        out.update({(domain, p): a for p, a in load_file(str(f)).items()
+                    if entry["positions"][p].get("affine_fit", {}).get("tokens")})
+    return out
+
+
+def apply_blend_choice(run: Path, target: str, gain: float, distances: Mapping[str, float]) -> None:
+    """Make every fitted position of every domain of the run blend with `target` at `gain` (what
+    blend_map.choose_blend picked), and record the choice and the distances it was made on."""
+    suffix = {BLEND_MAP: "maps", BLEND_AFFINE: "affine"}[target]
+    for f in sorted((Path(run) / "features").glob(f"*.{suffix}.safetensors")):
+        entry_path = f.with_name(f.name.replace(f".{suffix}.safetensors", ".json"))
         entry = json.loads(entry_path.read_text())
-        maps = load_file(str(f))
-        for p, m in maps.items():
-            maps[p] = with_gain(m, entry["positions"][p]["harmful_ids"], gain)
-            entry["positions"][p]["blend_fit"].update(gain=gain, gain_distances={str(g): d for g, d in
-                                                                                  distances.items()})
-        _save_maps(f, maps)
+        tensors = load_file(str(f))
+        fit_key = "blend_fit" if target == BLEND_MAP else "affine_fit"
+        for p, t in tensors.items():
+            pos = entry["positions"][p]
+            if not pos.get(fit_key, {}).get("tokens"):
+                continue
+            tensors[p] = gained(target, t, pos["harmful_ids"], gain)
+            pos[fit_key].update(gain=gain, choice_distances=dict(distances))
+            pos["blend_target"] = target
+            if target == BLEND_AFFINE:  # the pack shows the fit of the target it uses
+                pos["blend_fit"] = pos.pop("affine_fit")
+        _save_maps(f, tensors)
         _write_json(entry_path, entry)
+
+
+def choose_blend_target(run: Path, generator: Generator, set_names: Sequence[str], n_pairs: int) -> tuple[str, float]:
+    """build-pack's last stage: fit the shared affine targets on the pairs of `set_names`, then let
+    blend_map.choose_blend pick the learned target and gain (maps or affine, one choice for the whole pack) on
+    `n_pairs` matched pairs drawn from those sets, without a judge, and apply it to the run. The candidates are
+    measured on a pack exported to run/pack-before-gain.safetensors."""
+    from ..steering_math import GateScope, Mode, SteeringParams
+
+    run = Path(run)
+    fit_shared_affines(run, set_names)
+    pairs = [pair for n in set_names for pair in matched_pairs(open_set(run, n).prompts, n_pairs // len(set_names))]
+    (target, gain), distances = choose_blend(load_pack(run_export(run, run / "pack-before-gain.safetensors")),
+                                             run_affines(run), generator, pairs,
+                                             SteeringParams(mode=Mode.BLEND, scope=GateScope.IMAGE))
+    print(f"Blend target {candidate_label(target, gain)} (final-latent distance to the safe generations, "
+          f"relative: {distances})", flush=True)
+    apply_blend_choice(run, target, gain, distances)
+    return target, gain
 
 
 def blend_to_anchor(run: Path) -> None:
@@ -376,11 +442,14 @@ def run_export(run: Path, out: str | os.PathLike, extra_provenance: dict | None 
                                           **({"blend_fit": f["blend_fit"]} if "blend_fit" in f else {})},
                                    blend_target=f.get("blend_target", "anchor"))
                  for p, f in ((p, e["positions"][p]) for p in positions)}
-        if any(f.blend_target == BLEND_MAP for f in feats.values()):
-            maps = load_file(str(run / "features" / f"{d}.maps.safetensors"))
-            for p in positions:
-                if feats[p].blend_target == BLEND_MAP:
-                    tensors[blend_map_key(d, p)] = maps[p]
+        for target, suffix in ((BLEND_MAP, "maps"), (BLEND_AFFINE, "affine")):
+            if any(f.blend_target == target for f in feats.values()):
+                stored = load_file(str(run / "features" / f"{d}.{suffix}.safetensors"))
+                for p in positions:
+                    if feats[p].blend_target == target:
+                        key = blend_tensor_key(d, p, target)
+                        assert key is not None  # a learned target always has its tensor
+                        tensors[key] = stored[p]
         entries[d] = DomainEntry(feats, adapted_from=e["adapted_from"] if e["role"] == ROLE_TARGET else None,
                                  extra={"calibration": e["calibration"]})
     sae_cfg = json.loads((run / "sae" / positions[0] / "metrics.json").read_text())["config"]
