@@ -69,9 +69,10 @@ def main() -> int:
                 sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
             else:
                 steering = SamplingSteering(dictionary, params, "overhead")
-                steering.begin_run(torch.linspace(1.0, 0.0, args.steps + 1).tolist(), n_images=args.batch)
-                sample(model, tokens, pooled, noise, args.steps, 3.0, uncond,  # [cond; uncond]: steer the prompts
-                       wrap=lambda call, x, t, ts: steering.steer_call(model, x, t, ts, [0, 1], call))
+                steering.sample_run(  # as the Steer node's OUTER_SAMPLE wrapper: a late latch samples the run again
+                    lambda: sample(model, tokens, pooled, noise, args.steps, 3.0, uncond,
+                                   wrap=lambda call, x, t, ts: steering.steer_call(model, x, t, ts, [0, 1], call)),
+                    torch.linspace(1.0, 0.0, args.steps + 1).tolist(), n_images=args.batch)
         return time.perf_counter() - t0
 
     for role, params in scenarios.values():  # warm-up: casts and caches the pack's weights once

@@ -2,7 +2,8 @@
 
 The node never touches the incoming model: it returns `model.clone()` with two wrappers under the key
 "safedig" (clones share the weights and copy the wrapper lists, not the wrapper objects): OUTER_SAMPLE
-starts a new run (Report generation, image latch), APPLY_MODEL steers each model call through
+runs a sampling run (Report generation, image latch, and the restart of a run in which an image latched
+late), APPLY_MODEL steers each model call through
 safedig_core.sampling.SamplingSteering. Values are checked by the core (safedig_core.steer_inputs), by
 one function for validate_inputs and execute, with the node's input names. Disabled, mode Off or a zero
 strength return the input model itself: bitwise the unsteered output.
@@ -45,10 +46,11 @@ class SteerPatch(SamplingSteering):
     def __repr__(self) -> str:
         return f"SteerPatch({self.label})"
 
-    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed); the run
+    # may be sampled twice (an image latched late: SamplingSteering.sample_run), so the progress bar runs twice
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        self.begin_run(sigmas, n_images=noise.shape[0] if noise.dim() > 0 else 0)
-        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        return self.sample_run(lambda: executor(noise, latent_image, sampler, sigmas, *args, **kwargs), sigmas,
+                               n_images=noise.shape[0] if noise.dim() > 0 else 0)
 
     # APPLY_MODEL: BaseModel._apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,

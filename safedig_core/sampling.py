@@ -9,6 +9,11 @@ which an image's gate first opened after an editing position had already run (a 
 and steers at the input projection, which runs first) is run once more with the latch open, so the image is
 steered everywhere from that call on (docs/method.md section 6); the other rows keep the first pass's output.
 
+Per sampling run (`sample_run`, ComfyUI's OUTER_SAMPLE): an image whose gate first opened after the run's
+first steered step missed the steps before it, which already laid out its picture, so the whole run is
+sampled again with that image latched from the start; the other images keep the first run's output bit for
+bit, and the Report shows the run that was kept.
+
 Fail closed: when steering is active for a call and a routed position's hook did not run (a bypassed or
 renamed block, a replayed CUDA graph, a fused kernel), the call raises SteeringBypassedError instead of
 returning an output that was never steered. Calls may come from several threads at once (ComfyUI's multi-GPU
@@ -42,24 +47,52 @@ class SteeringBypassedError(SafeDIGError):
 class SamplingSteering:
     """One steering setup (dictionary, parameters, label) and its per-run state (recorder, latch).
     `host` names the program running the model in errors (e.g. "ComfyUI 0.3.75"). `rerun_late_latches`: run
-    a call again when an image latched after an editing position had run in it (see `_run_again`)."""
+    a call again when an image latched after an editing position had run in it (see `_run_again`);
+    `restart_late_latches`: sample a run again when an image latched after its first steered step (see
+    `sample_run`). Both are off only to measure what they buy."""
 
     def __init__(self, dictionary: SteeringDictionary, params: SteeringParams, label: str, host: str = "this host",
-                 rerun_late_latches: bool = True):
+                 rerun_late_latches: bool = True, restart_late_latches: bool = True):
         self.dictionary = dictionary
-        self.rerun_late_latches = rerun_late_latches  # False only to measure what the second pass buys
+        self.rerun_late_latches = rerun_late_latches
+        self.restart_late_latches = restart_late_latches
         self.params = params
         self.label = label
         self.host = host
         self._lock = threading.Lock()
         self.recorder = ScoreRecorder(dictionary.positions, dictionary.thresholds(params), label)
         self.latched: Tensor | None = None  # image-scope gate: images latched in this sampling run
+        self.late: Tensor | None = None  # images of `latched` whose gate first opened after the first steered step
+        self._first_sigma: float | None = None  # sigma of this run's first steered step
 
-    def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int) -> None:
-        """A new sampling run: a new Report generation, no image latched."""
+    def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int, latched: Tensor | None = None) -> None:
+        """A new sampling run: a new Report generation, no image latched (or the images of `latched`
+        [n_images] bool, latched from its first step on)."""
         with self._lock:
             self.recorder.begin(sigmas, n_images=n_images)
-            self.latched = None
+            self.latched = None if latched is None else latched.cpu().clone()
+            self.late = None
+            self._first_sigma = None
+
+    def sample_run(self, sample_once: Callable[[], T], sigmas: Sequence[float] | Tensor | None, n_images: int) -> T:
+        """One sampling run `sample_once()` (returning [n_images, ...]) steered call by call; when an image
+        latched after the run's first steered step, the run is sampled once more with those images latched
+        from the start, and their rows are taken from that run (the others keep the first run's, bit for
+        bit). Costs a second run for a batch in which any image latched late; the sampler must be
+        deterministic given its noise and seed (ComfyUI's are)."""
+        self.begin_run(sigmas, n_images)
+        first = sample_once()
+        late = self.late
+        if not self.restart_late_latches or late is None or not late.any():
+            return first
+        if not isinstance(first, Tensor) or first.shape[0] != late.numel():
+            raise SafeDIGError(f"SafeDIG could not restart this sampling run: it returned {type(first).__name__} "
+                               f"{getattr(first, 'shape', '')}, not one row per image of its {late.numel()}",
+                               "report this sampler to SafeDIG; to sample without steering, set Steer's mode to Off")
+        self.begin_run(sigmas, n_images, latched=late)
+        again = sample_once()
+        assert isinstance(again, Tensor)
+        return torch.where(late.to(first.device).view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]
 
     def steer_call(self, dit: object, x: Tensor, sigma: float | Tensor, sample_sigmas: Sequence[float] | Tensor | None,
                    chunks: list[int] | None, run: Callable[[], T]) -> T:
@@ -77,7 +110,7 @@ class SamplingSteering:
                 rec.begin(sample_sigmas, n_images=0)
             if active:
                 if x.dim() >= 4:
-                    rec.set_grid((int(x.shape[-2]), int(x.shape[-1])), getattr(dit, "patch_size", 1))
+                    rec.set_grid((int(x.shape[-2]), int(x.shape[-1])), _patch_size(dit))
                 on_scores = self._locked(rec.callback(rec.step_of(sigma), rows, per_chunk))
             per_image = self._row_latch(batch, per_chunk, x.device) if active else None
         record: list[tuple] = []  # this call's scores, recorded once we know which pass's output is kept
@@ -97,7 +130,12 @@ class SamplingSteering:
         if per_image is not None:
             with self._lock:  # an image latched in any chunk stays latched for the rest of the run
                 if self.latched is not None and per_image.numel() % self.latched.numel() == 0:
-                    self.latched |= per_image.view(-1, self.latched.numel()).any(0).cpu()
+                    now = per_image.view(-1, self.latched.numel()).any(0).cpu()
+                    if self._first_sigma is None:
+                        self._first_sigma = sigma
+                    elif sigma != self._first_sigma:  # a later step than the first: the image missed steps
+                        self.late = (now & ~self.latched) | (self.late if self.late is not None else False)
+                    self.latched |= now
         return out
 
     def _run_again(self, dit: object, run: Callable[[], T], first: T, late: Tensor, rows: Tensor | None,
@@ -140,3 +178,9 @@ class SamplingSteering:
         if self.latched is None or self.latched.numel() != per_chunk:
             self.latched = torch.zeros(per_chunk, dtype=torch.bool)
         return self.latched.repeat(batch // per_chunk).to(device)
+
+
+def _patch_size(dit: object) -> int:
+    """The DiT's patch size: diffusers keeps it in `config` (reading the attribute warns), ComfyUI on the model."""
+    size = getattr(getattr(dit, "config", None), "patch_size", None)
+    return int(size if isinstance(size, int) else getattr(dit, "patch_size", 1))

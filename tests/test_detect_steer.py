@@ -1,7 +1,9 @@
 """Packs whose positions split the work: one position's gate detects, another position's Blend steers
-(pack format 3, `use`), the sampling run that re-runs the call in which an image latches, and `combine`."""
+(pack format 3, `use`), the sampling run that re-runs the call in which an image latches, the run sampled
+again when an image latched after its first step, and `combine`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,48 @@ def test_the_call_in_which_an_image_latches_is_run_again(tmp_path):
     assert steering.latched.tolist() == [True]
     recorded = [e.position for e in steering.recorder.entries]
     assert sorted(recorded) == sorted([STEER_AT, DETECT])  # the kept pass is recorded, once per position
+
+
+SHIPPED_PACK = Path(__file__).resolve().parents[1] / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
+
+
+def test_a_run_in_which_an_image_latched_late_is_sampled_again_with_it_latched_from_the_start():
+    """The shipped pack on the bundled model: single.0.out's gate opens on some held-out target prompts only
+    after the first step. `sample_run` samples the run again with those images latched from the start and
+    keeps every other image's first-run output bit for bit."""
+    from safedig_core import ALL_DOMAINS
+    from safedig_core.bundled import world
+    from safedig_core.bundled.generator import initial_noise, load_bundled, sample
+    from safedig_core.bundled.text_encoder import encode_prompts
+
+    model = load_bundled()
+    d = SteeringDictionary(load_pack(SHIPPED_PACK), ALL_DOMAINS)
+    prompts = world.eval_prompts(4, "heldout", seed=0, concepts=["venom", "blight"])
+    tokens, pooled = encode_prompts([p.text for p in prompts])
+    noise, uncond, steps = initial_noise(range(len(prompts)), model.bundled_config), encode_prompts([""]), 10
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
+
+    def sample_once(steering):
+        return sample(model, tokens, pooled, noise, steps, 3.0, uncond,
+                      wrap=lambda run, x, t, ts: steering.steer_call(model, x, t, ts, [0, 1], run))
+
+    single = SamplingSteering(d, IMAGE, "once", restart_late_latches=False)
+    with torch.no_grad():
+        once = single.sample_run(lambda: sample_once(single), sigmas, n_images=len(prompts))
+    late = single.late
+    assert late is not None and late.any(), "no held-out target prompt latched after the first step"
+    assert (single.latched & ~late).any()  # some latched at the first step: those are not sampled again
+    restarted = SamplingSteering(d, IMAGE, "restart")
+    reference = SamplingSteering(d, IMAGE, "from the start")
+    with torch.no_grad():
+        out = restarted.sample_run(lambda: sample_once(restarted), sigmas, n_images=len(prompts))
+        reference.begin_run(sigmas, n_images=len(prompts), latched=late)
+        from_start = sample_once(reference)
+    assert torch.equal(out[late], from_start[late])
+    assert not torch.equal(out[late], once[late])  # the late images changed: steered from the first step
+    assert torch.equal(out[~late], once[~late])  # the others: the first run's output, bit for bit
+    assert restarted.latched.tolist() == single.latched.tolist()
+    assert restarted.recorder.generation == single.recorder.generation + 1  # the Report shows the kept run
 
 
 def test_a_pack_that_detects_and_steers_at_one_position_runs_each_call_once(tmp_path):
