@@ -64,6 +64,7 @@ class SamplingSteering:
         self.latched: Tensor | None = None  # image-scope gate: images latched in this sampling run
         self.late: Tensor | None = None  # images of `latched` whose gate first opened after the first steered step
         self._first_sigma: float | None = None  # sigma of this run's first steered step
+        self.restarted: Tensor | None = None  # images the last `sample_run` sampled a second time
 
     def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int, latched: Tensor | None = None) -> None:
         """A new sampling run: a new Report generation, no image latched (or the images of `latched`
@@ -80,6 +81,7 @@ class SamplingSteering:
         from the start, and their rows are taken from that run (the others keep the first run's, bit for
         bit). Costs a second run for a batch in which any image latched late; the sampler must be
         deterministic given its noise and seed (ComfyUI's are)."""
+        self.restarted = None
         self.begin_run(sigmas, n_images)
         first = sample_once()
         late = self.late
@@ -90,6 +92,7 @@ class SamplingSteering:
                                f"{getattr(first, 'shape', '')}, not one row per image of its {late.numel()}",
                                "report this sampler to SafeDIG; to sample without steering, set Steer's mode to Off")
         self.begin_run(sigmas, n_images, latched=late)
+        self.restarted = late
         again = sample_once()
         assert isinstance(again, Tensor)
         return torch.where(late.to(first.device).view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]

@@ -156,7 +156,8 @@ def test_a_run_in_which_an_image_latched_late_is_sampled_again_with_it_latched_f
     assert torch.equal(out[late], from_start[late])
     assert not torch.equal(out[late], once[late])  # the late images changed: steered from the first step
     assert torch.equal(out[~late], once[~late])  # the others: the first run's output, bit for bit
-    assert restarted.latched.tolist() == single.latched.tolist()
+    assert restarted.latched.tolist() == single.latched.tolist() and torch.equal(restarted.restarted, late)
+    assert single.restarted is None
     assert restarted.recorder.generation == single.recorder.generation + 1  # the Report shows the kept run
 
 

@@ -506,3 +506,44 @@ def test_combine_dictionaries_node_writes_a_detect_and_steer_pack(nodes, tmp_pat
     with pytest.raises(PackError, match="both detect and steer"):
         node.execute(detect_pack=shipped, detect_positions="input.txt", steer_pack=shipped,
                      steer_positions="input.txt", pack_name="combined", overwrite=True)
+
+
+@pytest.mark.skipif(not _shipped_weights().exists(), reason="the shipped bundled model is not built yet")
+def test_a_late_latch_restarts_the_run_inside_comfyuis_sampler(nodes):
+    """The Steer node's OUTER_SAMPLE wrapper samples a run again when the shipped pack's gate latched an
+    image after the first step. ComfyUI's sampler must reproduce a run when called twice: the restarted
+    output equals, bit for bit, one run of a Steer node whose latch is open from the start."""
+    import comfy.sample
+
+    from safedig_core import ALL_DOMAINS, load_pack
+    from safedig_core.bundled import world
+
+    patcher = bundled_patcher(nodes)
+    dictionary = SteeringDictionary(load_pack(ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"),
+                                    ALL_DOMAINS)
+    neg = nodes.bundled_io.BundledTextEncode.execute(text="").result[0]
+    latent = torch.zeros(1, 12, 16, 16)
+
+    def run(model, pos, seed):
+        return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), 10, 3.0, "euler", "simple", pos,
+                                   neg, latent, seed=seed)
+
+    for i, prompt in enumerate(world.eval_prompts(4, "heldout", seed=0, concepts=["venom", "blight"])):
+        pos = nodes.bundled_io.BundledTextEncode.execute(text=prompt.text).result[0]
+        restarting = steer(nodes, patcher, dictionary, gate_scope="image")
+        out = run(restarting, pos, i)
+        patch = nodes.steer.steer_patches(restarting)[0]
+        if patch.restarted is not None:
+            break
+    else:
+        pytest.fail("no held-out target prompt latched after the first step")
+    from_start = steer(nodes, patcher, dictionary, gate_scope="image")
+    ref = nodes.steer.steer_patches(from_start)[0]
+    ref.restart_late_latches = False
+    begin = ref.begin_run
+    ref.begin_run = lambda sigmas, n_images, latched=None: begin(sigmas, n_images, torch.ones(n_images, dtype=bool))
+    assert torch.equal(out, run(from_start, pos, i))
+    single = steer(nodes, patcher, dictionary, gate_scope="image")
+    nodes.steer.steer_patches(single)[0].restart_late_latches = False
+    assert not torch.equal(out, run(single, pos, i))  # without the restart the image differs
+    assert safedig_hooks(patcher.model) == []

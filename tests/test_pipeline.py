@@ -271,3 +271,27 @@ def test_blend_to_anchor_exports_a_map_free_version_1_pack(built, tmp_path):
     assert all(pack.blend_map(d, p) is None for d in pack.domains for p in pack.positions)
     mapped = load_pack(built / "pack.safetensors")
     assert {k: v for k, v in mapped.tensors.items() if not k.startswith("blend.")}.keys() == pack.tensors.keys()
+
+
+def test_build_pack_chooses_the_learned_target_nearest_the_safe_generations(built, tmp_path):
+    """`choose_blend_target` (build-pack's last stage) on the tiny pipeline: every candidate (map at each
+    gain, affine at each gain) is measured, the one with the smallest relative final-latent distance is
+    applied to the run, and the exported pack blends with it."""
+    import shutil
+
+    from safedig_core.training.blend_map import GAINS, candidate_label
+    from safedig_core.training.generators import make_generator
+    from safedig_core.training.pipeline import choose_blend_target, open_set, run_export
+
+    run = tmp_path / "run"
+    shutil.copytree(built / "run", run, symlinks=True)
+    generator = make_generator(open_set(run, "source").manifest["generator"])
+    target, gain = choose_blend_target(run, generator, ["source", "target"], 4)
+    pack = load_pack(run_export(run, tmp_path / "chosen.safetensors"))
+    chosen = [p for p in pack.positions if pack.domain_features("hazard", p).blend_target == target]
+    assert chosen
+    distances = pack.domain_features("hazard", chosen[0]).extra["blend_fit"]["choice_distances"]
+    assert set(distances) == {candidate_label(t, g) for t, gs in GAINS.items() for g in gs}
+    assert all(d > 0 for d in distances.values())
+    assert distances[candidate_label(target, gain)] == min(distances.values())
+    assert pack.metadata["format_version"] == (4 if target == "affine" else 2)
