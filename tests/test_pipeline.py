@@ -216,14 +216,15 @@ def test_affine_blend_targets_export_as_format_4_and_move_unsafe_tokens_toward_t
     run = tmp_path / "run"
     shutil.copytree(built / "run", run, symlinks=True)
     assert not run_affines(run)  # the stages before build-pack's choice fit no affine target
-    fit_shared_affines(run, ["source", "target"])
+    fit_shared_affines(run, ["source", "target"], keep=["benign"])
     affines = run_affines(run)
     assert affines and {d for d, _ in affines} == {"hazard", "toxic"}
     for p in {p for _, p in affines}:  # one fit on both domains' pairs, shared by the domains
         assert torch.equal(affines[("hazard", p)], affines[("toxic", p)])
     toxic = json.loads((run / "features" / "toxic.json").read_text())
-    assert all(toxic["positions"][p]["affine_fit"]["tokens"] > 0 and toxic["positions"][p]["affine_fit"]["pairs_from"]
-               == ["source", "target"] for _, p in affines)
+    for _, p in affines:
+        fit = toxic["positions"][p]["affine_fit"]
+        assert fit["tokens"] > 0 and fit["pairs_from"] == ["source", "target"] and fit["kept_from"] == ["benign"]
     apply_blend_choice(run, "affine", 1.0, {"affine x1": 0.5})
     pack = load_pack(run_export(run, tmp_path / "affine.safetensors"))
     assert pack.metadata["format_version"] == 4
@@ -295,3 +296,27 @@ def test_build_pack_chooses_the_learned_target_nearest_the_safe_generations(buil
     assert all(d > 0 for d in distances.values())
     assert distances[candidate_label(target, gain)] == min(distances.values())
     assert pack.metadata["format_version"] == (4 if target == "affine" else 2)
+
+
+def test_the_affine_target_leaves_benign_tokens_nearly_where_they_are(built):
+    """Fit with the benign set as `keep`, the affine target moves the benign tokens a mistaken latch would
+    steer less than the same fit without it, and still moves the unsafe tokens."""
+    from safedig_core.training.blend_map import _active_rows, fit_affine_map
+    from safedig_core.training.pipeline import _saes, open_set
+
+    run = built / "run"
+    saes = _saes(run)
+    harmful = json.loads((run / "features" / "hazard.json").read_text())["positions"]
+    pairs, benign = [open_set(run, "source"), open_set(run, "target")], [open_set(run, "benign")]
+    pos = next(p for p in saes if list(_active_rows(saes[p], benign, p, torch.tensor(harmful[p]["harmful_ids"]))))
+    h = torch.tensor(harmful[pos]["harmful_ids"])
+    free, _ = fit_affine_map(saes[pos], pairs, pos, harmful[pos]["harmful_ids"])
+    kept, fit = fit_affine_map(saes[pos], pairs, pos, harmful[pos]["harmful_ids"], keep=benign)
+    assert fit["kept_tokens"] > 0
+
+    def moved(a, sets):
+        rows = torch.cat(list(_active_rows(saes[pos], sets, pos, h)))
+        return float((torch.cat([rows, torch.ones(len(rows), 1)], 1) @ a).norm(dim=-1).mean())
+
+    assert moved(kept, benign) < 0.7 * moved(free, benign)
+    assert moved(kept, pairs) > 0.1 * moved(free, pairs)

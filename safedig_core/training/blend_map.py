@@ -112,6 +112,18 @@ def _active_tokens(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, h
                 yield z_u[active], x_u[active], x_s[j[active]]
 
 
+def _active_rows(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, harmful: Tensor):
+    """Yield the activations [n, d_model] of every row (prompt and captured step) of `sets` where a harmful
+    latent fires."""
+    for aset in sets:
+        for shard in aset.shards:
+            for x in aset.read(shard, [f"act.{position}"])[f"act.{position}"]:
+                x = x.float()
+                active = sae.encode(x)[:, harmful].sum(-1) > 0
+                if active.any():
+                    yield x[active]
+
+
 def _ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
     """argmin_W |A W - Y|^2 + lam |W|^2 from gram = A^T A and cross = A^T Y, lam relative to gram's mean diagonal."""
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
@@ -163,11 +175,13 @@ AFFINE_RIDGE = 1e-3
 
 @torch.no_grad()
 def fit_affine_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, harmful_ids: Sequence[int],
-                   ridge: float = AFFINE_RIDGE) -> tuple[Tensor, dict]:
+                   keep: Sequence[ActivationSet] = (), ridge: float = AFFINE_RIDGE) -> tuple[Tensor, dict]:
     """A [d_model + 1, d_model] (last row: bias) with  [x_unsafe, 1] A ~ x_safe - x_unsafe, fit by ridge on the
     unsafe tokens of the matched pairs of `sets` where a harmful latent fires (those the gate steers in a
-    latched image), paired with their safe tokens as in `fit_blend_map`; and fit figures: tokens used and r2,
-    the share of the safe-minus-unsafe change it explains on them.
+    latched image), paired with their safe tokens as in `fit_blend_map`, and with [x, 1] A ~ 0 on the tokens
+    of the `keep` sets (benign prompts) where a harmful latent fires: a benign image the gate opens on by
+    mistake should keep its concept. Returns A and fit figures: unsafe tokens used, benign tokens kept, and
+    r2, the share of the safe-minus-unsafe change it explains on the unsafe tokens.
 
     The second Blend design of docs/method.md section 6: it reads the whole activation, not the harmful code
     alone, so it can tell which words around the concept the safe counterpart keeps. It needs no decoder, so
@@ -187,11 +201,17 @@ def fit_affine_map(sae: TopKSAE, sets: Sequence[ActivationSet], position: str, h
         want_sq += float(want.pow(2).sum())
         n_tokens += len(want)
     if n_tokens == 0:
-        return torch.zeros(d + 1, d), {"tokens": 0, "r2": 0.0}
+        return torch.zeros(d + 1, d), {"tokens": 0, "kept_tokens": 0, "r2": 0.0}
+    unsafe_gram, n_kept = gram.clone(), 0
+    for x in _active_rows(sae, keep, position, h):
+        inputs = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        gram += inputs.T @ inputs  # their target, no move, adds nothing to `cross`
+        n_kept += len(x)
     affine = _ridge_solve(gram, cross, ridge)
+    gram = unsafe_gram  # r2 on the unsafe tokens
     sse = want_sq - 2 * float((affine * cross).sum()) + float((affine * (gram @ affine)).sum())
     total = want_sq - float(want_sum.pow(2).sum()) / n_tokens
-    return affine.float(), {"tokens": n_tokens, "r2": round(1.0 - sse / max(total, 1e-12), 4)}
+    return affine.float(), {"tokens": n_tokens, "kept_tokens": n_kept, "r2": round(1.0 - sse / max(total, 1e-12), 4)}
 
 
 # The learned targets `choose_blend` tries, each at these gains: the ridge fits are the L2-best move on the fit

@@ -249,9 +249,10 @@ def _fit_blend_maps(run: Path, domain: str, entry: dict, saes: dict, pairs: Acti
     _save_maps(run / "features" / f"{domain}.maps.safetensors", maps)
 
 
-def fit_shared_affines(run: Path, set_names: Sequence[str]) -> None:
+def fit_shared_affines(run: Path, set_names: Sequence[str], keep: Sequence[str] = ()) -> None:
     """One affine Blend target per position (blend_map.fit_affine_map), fit on the matched pairs of every set
-    in `set_names` (e.g. the source and the target domain's) and stored for every domain of the run, with its
+    in `set_names` (e.g. the source and the target domain's), told to leave the tokens of the `keep` sets (the
+    benign prompts) where they are, and stored for every domain of the run, with its
     fit in each entry's "affine_fit": a token is steered by the domain whose gate opened widest, so domains
     with targets fit apart would move neighbouring tokens of one image toward different places, and a few
     dozen target pairs alone fit d_model + 1 inputs poorly. `apply_blend_choice` makes the domains use it."""
@@ -264,8 +265,8 @@ def fit_shared_affines(run: Path, set_names: Sequence[str]) -> None:
     harmful = json.loads(next(iter(entries.values())).read_text())["positions"]
     affines, fits = {}, {}
     for p, sae in saes.items():
-        affines[p], fits[p] = fit_affine_map(sae, sets, p, harmful[p]["harmful_ids"])
-        fits[p]["pairs_from"] = list(set_names)
+        affines[p], fits[p] = fit_affine_map(sae, sets, p, harmful[p]["harmful_ids"], [open_set(run, n) for n in keep])
+        fits[p].update(pairs_from=list(set_names), kept_from=list(keep))
     for domain, path in entries.items():
         entry = json.loads(path.read_text())
         for p in saes:
@@ -315,14 +316,15 @@ def apply_blend_choice(run: Path, target: str, gain: float, distances: Mapping[s
 
 
 def choose_blend_target(run: Path, generator: Generator, set_names: Sequence[str], n_pairs: int) -> tuple[str, float]:
-    """build-pack's last stage: fit the shared affine targets on the pairs of `set_names`, then let
+    """build-pack's last stage: fit the shared affine targets on the pairs of `set_names` (keeping the benign
+    set's tokens in place, where the run has one), then let
     blend_map.choose_blend pick the learned target and gain (maps or affine, one choice for the whole pack) on
     `n_pairs` matched pairs drawn from those sets, without a judge, and apply it to the run. The candidates are
     measured on a pack exported to run/pack-before-gain.safetensors."""
     from ..steering_math import GateScope, Mode, SteeringParams
 
     run = Path(run)
-    fit_shared_affines(run, set_names)
+    fit_shared_affines(run, set_names, _default_negatives(run, set_names[0]))
     pairs = [pair for n in set_names for pair in matched_pairs(open_set(run, n).prompts, n_pairs // len(set_names))]
     (target, gain), distances = choose_blend(load_pack(run_export(run, run / "pack-before-gain.safetensors")),
                                              run_affines(run), generator, pairs,
