@@ -5,6 +5,8 @@ activations, but with the routing replaced.
     random_positions   R positions drawn at random (seeded) from every candidate, no routing
     previous_shipped   the pack shipped until 2026-12 (single.0.out detects and steers with the constant anchor),
                        from git: the shipped pack's detector, kept as a row of the safety table
+    previous_combined  the pack shipped until 2026-12-04 (single.0.out detects, input.txt steers with the learned
+                       map at gain 3), from git: the learned map against today's affine target
 
     .venv/bin/python benchmarks/ablation_packs.py --run runs/build-pack    # after build-pack
 Writes benchmarks/results/ablation_packs/{kind}.safetensors (regenerable, not
@@ -42,7 +44,8 @@ from safedig_core.training.sae_training import AdaptConfig, SAEConfig  # noqa: E
 OUT = ROOT / "benchmarks" / "results" / "ablation_packs"
 SHIPPED = ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 STEER_PAIRS = 24  # matched pairs the learned target is chosen on (build-pack's --steer-pairs default)
-PREVIOUS_SHIPPED_COMMIT = "2a21c8d"  # the last commit that shipped the single.0.out pack
+# The last commit that shipped each earlier pack, by ablation kind
+FROM_GIT = {"previous_shipped": "2a21c8d", "previous_combined": "ec6f6d6"}
 
 
 def choose(kind: str, candidates: list[str], r: int, seed: int) -> list[str]:
@@ -84,12 +87,11 @@ def build(kind: str, main_run: Path, seed: int, r: int) -> Path:
     return run_export(run, OUT / f"{kind}.safetensors", {"ablation": kind})
 
 
-def previous_shipped() -> Path:
-    """The pack shipped before the combined one (single.0.out detects and steers, constant-anchor Blend), read
-    from the git history: its single.0.out gate is the shipped pack's detector."""
-    data = subprocess.run(["git", "show", f"{PREVIOUS_SHIPPED_COMMIT}:{SHIPPED.relative_to(ROOT)}"], cwd=ROOT,
+def from_git(kind: str) -> Path:
+    """An earlier shipped pack (FROM_GIT), read from the git history."""
+    data = subprocess.run(["git", "show", f"{FROM_GIT[kind]}:{SHIPPED.relative_to(ROOT)}"], cwd=ROOT,
                           check=True, capture_output=True).stdout
-    out = OUT / "previous_shipped.safetensors"
+    out = OUT / f"{kind}.safetensors"
     OUT.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return out
@@ -98,13 +100,13 @@ def previous_shipped() -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=str(ROOT / "runs" / "build-pack"), help="the build-pack run folder")
-    ap.add_argument("--kinds", default="fixed_position,random_positions,previous_shipped")
+    ap.add_argument("--kinds", default="fixed_position,random_positions,previous_shipped,previous_combined")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-R", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(2)
     for kind in args.kinds.split(","):
-        out = previous_shipped() if kind == "previous_shipped" else build(kind, Path(args.run), args.seed, args.R)
+        out = from_git(kind) if kind in FROM_GIT else build(kind, Path(args.run), args.seed, args.R)
         print(f"-> {out}")
     return 0
 

@@ -4,8 +4,8 @@ ceiling), same seed; each cell is labelled with the judge's concept and validity
 
     .venv/bin/python benchmarks/redraw_grid.py        # ~1 min on 2 cores
 
-Needs benchmarks/results/ablation_packs/router_choice.safetensors (build-pack --out that path) and
-previous_shipped.safetensors (ablation_packs.py --kinds previous_shipped) for their columns.
+Needs benchmarks/results/ablation_packs/previous_shipped.safetensors and previous_combined.safetensors
+(ablation_packs.py --kinds previous_shipped,previous_combined: both from git) for their columns.
 Writes docs/images/redraw_grid.png.
 """
 
@@ -20,19 +20,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safety_table import ABLATION_DIR, DEFAULT_PACK, DEFAULTS, ROUTER, Method, generate, prompt_sets  # noqa: E402
+from safety_table import ABLATION_DIR, DEFAULT_PACK, DEFAULTS, Method, generate, prompt_sets  # noqa: E402
 
 from safedig_core import ALL_DOMAINS, SteeringDictionary, load_pack  # noqa: E402
 from safedig_core.bundled import world  # noqa: E402
 from safedig_core.bundled.generator import load_bundled  # noqa: E402
 from safedig_core.bundled.judge import Judge  # noqa: E402
 
-PREVIOUS = "previous_shipped"  # ablation_packs.py --kinds previous_shipped (from git)
+EARLIER = ("previous_shipped", "previous_combined")  # ablation_packs.py, from git
 COLUMNS = [
     ("unsteered", None, Method("no steering")),
-    ("previous shipped pack\n(single.0.out, anchor)", PREVIOUS, Method("previous", params=DEFAULTS)),
-    ("shipped pack: single.0.out\ndetects, input.txt steers", "main", Method("shipped", params=DEFAULTS)),
-    ("router's input.txt alone\n(its own gate)", ROUTER, Method("router", params=DEFAULTS)),
+    ("until 2026-12\n(single.0.out, anchor)", "previous_shipped", Method("previous", params=DEFAULTS)),
+    ("until 2026-12-04\n(input.txt, learned map)", "previous_combined", Method("map", params=DEFAULTS)),
+    ("shipped pack\n(input.txt, affine target)", "main", Method("shipped", params=DEFAULTS)),
     ("matched safe prompt\n(ceiling)", None, Method("ceiling", replace_prompt=True)),
 ]
 
@@ -49,7 +49,7 @@ def main() -> int:
     prompts = [p for role in ("source", "target") for p in sets[role][:: 40 // args.per_domain][: args.per_domain]]
     seeds = list(range(10_000, 10_000 + len(prompts)))
     packs = {"main": load_pack(DEFAULT_PACK), **{name: load_pack(ABLATION_DIR / f"{name}.safetensors")
-                                                 for name in (PREVIOUS, ROUTER)}}
+                                                 for name in EARLIER}}
     columns = []
     for title, pack, method in COLUMNS:
         dictionary = SteeringDictionary(packs[pack], ALL_DOMAINS) if pack else None

@@ -58,6 +58,7 @@ class Method:
     anchor_blend: bool = False  # Blend to the constant safe anchor instead of the pack's learned map
     positions: tuple[str, ...] | None = None  # steer only these of the pack's positions (None: all of them)
     rerun: bool = True  # SamplingSteering's second pass of the call in which an image latches
+    restart: bool = True  # SamplingSteering.sample_run's second run when an image latched after the first step
 
 
 def steering(mode: str, strength: float, scope: str = "image", tau_scale: float = 1.0) -> SteeringParams:
@@ -69,27 +70,31 @@ def steering(mode: str, strength: float, scope: str = "image", tau_scale: float 
 # ablations and baselines use it too, so each differs from the node defaults in one thing only.
 DEFAULTS = steering("blend", 1.0)
 NODE_DEFAULTS = "SafeDIG node defaults: all domains + Blend 1"
-ROUTER = "router_choice"  # build-pack's own routing (steerability), learned Blend maps: ablation_packs.py
+NO_RESTART = "node defaults without the restart of a run in which an image latched after its first step"
+ROUTER = "router_choice"  # build-pack's own pack (routing with steerability, learned Blend target): the steerer
 METHODS = [
     Method("no steering"),
     Method("negative prompt", negative_prompt=True),
     Method("prompt replaced by its matched safe prompt (ceiling)", replace_prompt=True),
     # The shipped pack: single.0.out's gate detects, input.txt's learned Blend map steers (safedig_core/combine.py)
     Method(NODE_DEFAULTS, pack="main", domain="all", params=DEFAULTS),
-    Method("node defaults without the second pass of the call in which an image latches", pack="main", domain="all",
-           params=DEFAULTS, rerun=False),
+    Method(NO_RESTART, pack="main", domain="all", params=DEFAULTS, restart=False),
+    Method("mode Both: Blend 1, then Repel 1", pack="main", domain="all", params=steering("both", 1.0)),
+    Method("the pack shipped until 2026-12-04 (input.txt steers with the learned map, gain 3): node defaults",
+           pack="previous_combined", domain="all", params=DEFAULTS),
     # Repel strength beta maps z_H to (1 - beta) z_H: at 2 the harmful latents are scaled by -1, SAeUron's ablation.
     Method("SAeUron-style ablation: harmful latents x(-1) (Repel 2)", pack="main", domain="all",
            params=steering("repel", 2.0)),
     Method("previous shipped pack (single.0.out detects and steers, constant anchor): node defaults",
            pack="previous_shipped", domain="all", params=DEFAULTS),
-    Method("router's choice (input.txt) with learned Blend map: node defaults", pack=ROUTER, domain="all",
+    Method("router's choice (input.txt) alone, its learned Blend target: node defaults", pack=ROUTER, domain="all",
            params=DEFAULTS),
-    Method("router's choice (input.txt) with constant-anchor Blend (no map): node defaults", pack=ROUTER, domain="all",
+    Method("router's choice (input.txt) alone, constant-anchor Blend: node defaults", pack=ROUTER, domain="all",
            params=DEFAULTS, anchor_blend=True),
-    Method("router's choice (input.txt) with learned Blend map: threshold x2", pack=ROUTER, domain="all",
+    Method("router's choice (input.txt) alone, its learned Blend target: threshold x2", pack=ROUTER, domain="all",
            params=steering("blend", 1.0, tau_scale=2.0)),
-    # Built by ablation_packs.py from the router's run (learned maps, gain 1); carried over when absent (--reuse).
+    # Built by ablation_packs.py from the router's run (learned target chosen as build-pack does); carried over
+    # when absent (--reuse).
     Method("fixed position, no routing: node defaults", pack="fixed_position", domain="all", params=DEFAULTS),
     Method("random positions, no routing: node defaults", pack="random_positions", domain="all", params=DEFAULTS),
 ]
@@ -146,11 +151,12 @@ def generate(model, prompts, seeds, method: Method, dictionary, steps: int, guid
             lat = sample(model, tokens, pooled, noise, steps, guidance, uncond)
             fired.append(torch.zeros(b, dtype=torch.bool))
         else:
-            steering = SamplingSteering(dictionary, method.params, method.name, rerun_late_latches=method.rerun)
-            steering.begin_run(torch.linspace(1.0, 0.0, steps + 1).tolist(), n_images=b)
-            lat = sample(model, tokens, pooled, noise, steps, guidance, uncond,
-                         wrap=lambda run, x, t, ts, steering=steering: steering.steer_call(model, x, t, ts, chunks,
-                                                                                           run))
+            steering = SamplingSteering(dictionary, method.params, method.name, rerun_late_latches=method.rerun,
+                                        restart_late_latches=method.restart)
+            lat = steering.sample_run(
+                lambda: sample(model, tokens, pooled, noise, steps, guidance, uncond,  # noqa: B023 (run at once)
+                               wrap=lambda run, x, t, ts: steering.steer_call(model, x, t, ts, chunks, run)),  # noqa: B023
+                torch.linspace(1.0, 0.0, steps + 1).tolist(), n_images=b)
             latched = steering.latched  # every method of the table uses the image-scope gate
             fired.append(latched.clone() if latched is not None else torch.zeros(b, dtype=torch.bool))
         images.append(world.to_uint8(latent_to_pixels(lat)))

@@ -37,7 +37,9 @@ SHIPPED_PACK = "bundled_hazard_to_toxic.safetensors"
 SHIPPED_WEIGHTS = "bundled_flux.safetensors"
 PACK_DIR = ROOT / "dictionaries"
 WEIGHTS_DIR = ROOT / "safedig_core" / "bundled" / "assets"
-BUILD_PACK = ".venv/bin/python -m safedig_core build-pack --positions single.0.out --blend-target anchor"
+# the three commands that make the shipped pack are in docs/training.md; the first is build-pack
+BUILD_PACK = (".venv/bin/python -m safedig_core build-pack --run runs/router, then ablation_packs.py and "
+              "`safedig_core combine` (docs/training.md, \"The shipped pack: three commands\")")
 BUILD_MODEL = ".venv/bin/python -m safedig_core build-bundled --install"
 MODES = ["Off", "Blend", "Repel", "Both"]
 # Rows: three source-domain (hazard) concepts, one target-domain (toxic) concept, two benign ones.
@@ -59,7 +61,7 @@ def missing_assets(pack: str, weights: str, home: Path | None) -> list[str]:
     pack_dirs = ([home / "models" / "safedig"] if home else []) + [PACK_DIR]
     if not any((d / pack).is_file() for d in pack_dirs):
         problems.append(f"the pack {pack} is missing: the shipped one is dictionaries/{pack}, built by "
-                        f"`{BUILD_PACK}` (searched: {', '.join(map(str, pack_dirs))})")
+                        f"{BUILD_PACK} (searched: {', '.join(map(str, pack_dirs))})")
     weight_dirs = ([home / "models" / "safedig_bundled"] if home else []) + [WEIGHTS_DIR]
     if not any((d / weights).is_file() and (d / weights).with_suffix(".json").is_file() for d in weight_dirs):
         problems.append(f"the bundled model {weights} (+ .json) is missing: the shipped one is "

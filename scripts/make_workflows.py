@@ -50,8 +50,9 @@ NOTE_COLOR = dict(color="#432", bgcolor="#653")
 
 TOGGLES = """**What to toggle** (on *SafeDIG Steer*):
 - **mode**: `Off` gives exactly the image without SafeDIG; `Blend` moves the harmful features to the pack's
-  safe target (a learned map, e.g. hazard -> candy, or a constant anchor); `Repel` subtracts them; `Both`
-  does Blend, then Repel.
+  safe target (learned from matched pairs, e.g. hazard -> candy, or a constant anchor); `Repel` subtracts
+  them; `Both` does Blend, then Repel. When the gate opens only after the first step, the run is sampled
+  again with the image steered from the start (the progress bar runs twice).
 - **enabled**: off passes the model through untouched (also exactly the image without SafeDIG).
 - **blend_strength** / **repel_strength** (0 to 4): start at 1; raise slowly, images degrade well before 4.
 - **gate** `hard` / `soft`, **override_threshold** + **threshold**: when a token counts as harmful
