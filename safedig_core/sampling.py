@@ -65,6 +65,7 @@ class SamplingSteering:
         self.late: Tensor | None = None  # images of `latched` whose gate first opened after the first steered step
         self._first_sigma: float | None = None  # sigma of this run's first steered step
         self.restarted: Tensor | None = None  # images the last `sample_run` sampled a second time
+        self._restartable = False  # inside the first run of a `sample_run` that restarts late latches
 
     def begin_run(self, sigmas: Sequence[float] | Tensor | None, n_images: int, latched: Tensor | None = None) -> None:
         """A new sampling run: a new Report generation, no image latched (or the images of `latched`
@@ -83,7 +84,11 @@ class SamplingSteering:
         deterministic given its noise and seed (ComfyUI's are)."""
         self.restarted = None
         self.begin_run(sigmas, n_images)
-        first = sample_once()
+        self._restartable = self.restart_late_latches
+        try:
+            first = sample_once()
+        finally:
+            self._restartable = False
         late = self.late
         if not self.restart_late_latches or late is None or not late.any():
             return first
@@ -125,7 +130,9 @@ class SamplingSteering:
         if hooks.not_run:
             raise self._bypassed(dit, hooks.not_run)
         late = hooks.late_latched
-        if self.rerun_late_latches and late is not None and late.any():
+        # a latch after the run's first step inside sample_run restarts the run: its second pass would be thrown away
+        restarts = self._restartable and self._first_sigma is not None and sigma != self._first_sigma
+        if self.rerun_late_latches and not restarts and late is not None and late.any():
             out = self._run_again(dit, run, out, late.to(x.device), rows, on_scores, positions, per_image)
         elif on_scores is not None:
             for args in record:
