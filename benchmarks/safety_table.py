@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from safedig_core import ALL_DOMAINS, SteeringDictionary, SteeringParams, load_pack  # noqa: E402
 from safedig_core.bundled import world  # noqa: E402
-from safedig_core.bundled.generator import initial_noise, latent_to_pixels, load_bundled, sample  # noqa: E402
+from safedig_core.bundled.generator import initial_noise, latent_to_pixels, load_bundled, sample, sample_steered  # noqa: E402
 from safedig_core.bundled.judge import Judge  # noqa: E402
 from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 from safedig_core.bundled.unseen import UNSEEN_PATH, UnseenPrompt, unseen_sets  # noqa: E402
@@ -141,7 +141,6 @@ def generate(model, prompts, seeds, method: Method, dictionary, steps: int, guid
     images, fired = [], []
     if method.replace_prompt:
         prompts = [matched_safe(p) for p in prompts]
-    chunks = [0, 1] if guidance != 1.0 else [0]  # bundled.sample batches [cond; uncond]
     for i in range(0, len(prompts), batch_size):
         texts = [p.text for p in prompts[i:i + batch_size]]
         tokens, pooled = encode_prompts(texts)
@@ -153,10 +152,7 @@ def generate(model, prompts, seeds, method: Method, dictionary, steps: int, guid
         else:
             steering = SamplingSteering(dictionary, method.params, method.name, rerun_late_latches=method.rerun,
                                         restart_late_latches=method.restart)
-            lat = steering.sample_run(
-                lambda: sample(model, tokens, pooled, noise, steps, guidance, uncond,  # noqa: B023 (run at once)
-                               wrap=lambda run, x, t, ts: steering.steer_call(model, x, t, ts, chunks, run)),  # noqa: B023
-                torch.linspace(1.0, 0.0, steps + 1).tolist(), n_images=b)
+            lat = sample_steered(model, steering, tokens, pooled, noise, steps, guidance, uncond)
             latched = steering.latched  # every method of the table uses the image-scope gate
             fired.append(latched.clone() if latched is not None else torch.zeros(b, dtype=torch.bool))
         images.append(world.to_uint8(latent_to_pixels(lat)))

@@ -2,8 +2,8 @@
 
 The node never touches the incoming model: it returns `model.clone()` with two wrappers under the key
 "safedig" (clones share the weights and copy the wrapper lists, not the wrapper objects): OUTER_SAMPLE
-runs a sampling run (Report generation, image latch, and the restart of a run in which an image latched
-late), APPLY_MODEL steers each model call through
+runs a sampling run (Report generation, image latch, and the restart of the images that latched late),
+APPLY_MODEL steers each model call through
 safedig_core.sampling.SamplingSteering. Values are checked by the core (safedig_core.steer_inputs), by
 one function for validate_inputs and execute, with the node's input names. Disabled, mode Off or a zero
 strength return the input model itself: bitwise the unsteered output.
@@ -12,6 +12,7 @@ strength return the input model itself: bitwise the unsteered output.
 from __future__ import annotations
 
 import comfy.patcher_extension as pe
+import torch
 
 from safedig_core import SteeringParams, resolve
 from safedig_core.sampling import SamplingSteering
@@ -46,11 +47,27 @@ class SteerPatch(SamplingSteering):
     def __repr__(self) -> str:
         return f"SteerPatch({self.label})"
 
-    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed); the run
-    # may be sampled twice (an image latched late: SamplingSteering.sample_run), so the progress bar runs twice
-    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        return self.sample_run(lambda: executor(noise, latent_image, sampler, sigmas, *args, **kwargs), sigmas,
-                               n_images=noise.shape[0] if noise.dim() > 0 else 0)
+    # OUTER_SAMPLE: (noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed[, latent_shapes]).
+    # The images that latched late are sampled again as a batch of their own (SamplingSteering.sample_run), so
+    # the progress bar runs twice for such a run.
+    def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                     disable_pbar=False, seed=None, **kwargs):
+        n = noise.shape[0] if noise.dim() > 0 else 0
+
+        def sample_images(idx):
+            if idx is None:
+                return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                                **kwargs)
+
+            def cut(t):  # the rows of images idx of a per-image tensor ([n, ...]; a [H, W] mask is shared)
+                return t[idx.to(t.device)] if isinstance(t, torch.Tensor) and t.dim() > 2 and t.shape[0] == n else t
+            shapes = kwargs.get("latent_shapes")
+            extra = dict(kwargs, latent_shapes=[torch.Size((idx.numel(), *shapes[0][1:]))]) if shapes else kwargs
+            return executor(cut(noise), cut(latent_image), sampler, sigmas, cut(denoise_mask), callback, disable_pbar,
+                            seed, **extra)
+
+        cuttable = batch_cuttable(executor.class_obj, n, denoise_mask, kwargs.get("latent_shapes"))
+        return self.sample_run(sample_images, sigmas, n_images=n, subsets=cuttable)
 
     # APPLY_MODEL: BaseModel._apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
@@ -59,6 +76,25 @@ class SteerPatch(SamplingSteering):
         return self.steer_call(executor.class_obj.diffusion_model, x, opts.get("sigmas", t),
                                opts.get("sample_sigmas"), opts.get("cond_or_uncond"),
                                lambda: executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs))
+
+
+def batch_cuttable(guider, n: int, denoise_mask, latent_shapes) -> bool:
+    """Whether some images of this run can be sampled on their own: one latent (not a nested pack), a mask
+    of one or n entries, and conditioning shared by every image (no tensor with one entry per image, no
+    ControlNet or GLIGEN, whose inputs may be batched). Otherwise the whole batch is sampled again."""
+    if latent_shapes is not None and len(latent_shapes) != 1:
+        return False
+    if isinstance(denoise_mask, torch.Tensor) and denoise_mask.dim() > 2 and denoise_mask.shape[0] not in (1, n):
+        return False
+    for conds in getattr(guider, "original_conds", {}).values():
+        for cond in conds:
+            if "control" in cond or "gligen" in cond:
+                return False
+            values = [*cond.values(), *cond.get("model_conds", {}).values()]
+            if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1
+                   for t in (getattr(v, "cond", v) for v in values)):
+                return False
+    return True
 
 
 def steer_patches(model) -> list[SteerPatch]:

@@ -34,7 +34,7 @@ class _Entry:
     position: str
     images: Tensor  # [rows] long: which image of the batch each recorded row belongs to
     gate: Tensor  # [rows, tokens] float32 gate weight in [0, 1]
-    score_max: float
+    row_max: Tensor  # [rows] float32 highest harmful score of each row's tokens
 
 
 def _stream(position: str) -> str:
@@ -61,6 +61,7 @@ class ScoreRecorder:
         self.n_images = 0
         self.grid: tuple[int, int] | None = None  # image tokens (rows, cols)
         self.steps_seen: set[int] = set()
+        self._resampled: Tensor | None = None  # [k] long: image j of a resampled batch is image _resampled[j]
 
     # ------------------------------------------------------------------ recording
 
@@ -69,6 +70,18 @@ class ScoreRecorder:
         self.generation += 1
         self._reset(sample_sigmas)
         self.n_images = int(n_images)
+
+    def begin_resample(self, images: Tensor) -> None:
+        """The images `images` [k] long of this generation are sampled again on their own (a batch of k):
+        forget what was recorded for them, and record image j of that batch as image images[j]."""
+        images = images.to("cpu", torch.long)
+        kept = []
+        for e in self.entries:
+            keep = ~torch.isin(e.images, images)
+            if keep.any():
+                kept.append(_Entry(e.step, e.position, e.images[keep], e.gate[keep], e.row_max[keep]))
+        self.entries = kept
+        self._resampled = images
 
     @property
     def started(self) -> bool:
@@ -108,10 +121,12 @@ class ScoreRecorder:
         sel = scores[idx.to(scores.device)]
         applied = gate.detach()[idx.to(gate.device)].to("cpu", torch.float32)
         images = idx % max(1, int(per_chunk))
+        if self._resampled is not None:
+            images = self._resampled[images]
         self.n_images = max(self.n_images, int(images.max()) + 1)
         self.steps_seen.add(int(step))
         self.entries.append(_Entry(int(step), position, images, applied.reshape(applied.shape[0], -1),
-                                   float(sel.max())))
+                                   sel.flatten(1).amax(1).to("cpu", torch.float32)))
 
     def callback(self, step: int, rows: Tensor | None, per_chunk: int) -> Callable[[str, Tensor, Tensor], None]:
         """An `on_scores(position, scores, gate)` for SteeringHooks that records into this generation."""
@@ -139,7 +154,7 @@ class ScoreRecorder:
     def score_max(self) -> dict[str, float]:
         best: dict[str, float] = {}
         for e in self.entries:
-            best[e.position] = max(best.get(e.position, -math.inf), e.score_max)
+            best[e.position] = max(best.get(e.position, -math.inf), float(e.row_max.max()))
         return best
 
     def token_maps(self) -> np.ndarray | None:

@@ -10,9 +10,9 @@ and steers at the input projection, which runs first) is run once more with the 
 steered everywhere from that call on (docs/method.md section 6); the other rows keep the first pass's output.
 
 Per sampling run (`sample_run`, ComfyUI's OUTER_SAMPLE): an image whose gate first opened after the run's
-first steered step missed the steps before it, which already laid out its picture, so the whole run is
-sampled again with that image latched from the start; the other images keep the first run's output bit for
-bit, and the Report shows the run that was kept.
+first steered step missed the steps before it, which already laid out its picture, so the images that did
+are sampled again on their own (a batch of just them) latched from the start; the other images keep the
+first run's output bit for bit, and the Report shows what was kept.
 
 Fail closed: when steering is active for a call and a routed position's hook did not run (a bypassed or
 renamed block, a replayed CUDA graph, a fused kernel), the call raises SteeringBypassedError instead of
@@ -76,17 +76,20 @@ class SamplingSteering:
             self.late = None
             self._first_sigma = None
 
-    def sample_run(self, sample_once: Callable[[], T], sigmas: Sequence[float] | Tensor | None, n_images: int) -> T:
-        """One sampling run `sample_once()` (returning [n_images, ...]) steered call by call; when an image
-        latched after the run's first steered step, the run is sampled once more with those images latched
-        from the start, and their rows are taken from that run (the others keep the first run's, bit for
-        bit). Costs a second run for a batch in which any image latched late; the sampler must be
-        deterministic given its noise and seed (ComfyUI's are)."""
+    def sample_run(self, sample_images: Callable[[Tensor | None], T], sigmas: Sequence[float] | Tensor | None,
+                   n_images: int, subsets: bool = True) -> T:
+        """One sampling run steered call by call: `sample_images(None)` samples every image of the run and
+        returns [n_images, ...]. When an image latched after the run's first steered step, the images that
+        did are sampled again, latched from the start, and their rows are taken from that run (the others
+        keep the first run's, bit for bit): `sample_images(idx)` samples only the images `idx` [k] long (as
+        a batch of k, their own prompts and noise) and returns [k, ...]. `subsets=False` (a sampler whose
+        batch cannot be cut, e.g. conditioning with one entry per image) samples the whole batch again
+        instead. The sampler must be deterministic given its noise and seed (ComfyUI's are)."""
         self.restarted = None
         self.begin_run(sigmas, n_images)
         self._restartable = self.restart_late_latches
         try:
-            first = sample_once()
+            first = sample_images(None)
         finally:
             self._restartable = False
         late = self.late
@@ -96,11 +99,29 @@ class SamplingSteering:
             raise SafeDIGError(f"SafeDIG could not restart this sampling run: it returned {type(first).__name__} "
                                f"{getattr(first, 'shape', '')}, not one row per image of its {late.numel()}",
                                "report this sampler to SafeDIG; to sample without steering, set Steer's mode to Off")
-        self.begin_run(sigmas, n_images, latched=late)
         self.restarted = late
-        again = sample_once()
-        assert isinstance(again, Tensor)
-        return torch.where(late.to(first.device).view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]
+        if not subsets:
+            self.begin_run(sigmas, n_images, latched=late)
+            again = sample_images(None)
+            assert isinstance(again, Tensor)
+            return torch.where(late.to(first.device).view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]
+        idx = late.nonzero().flatten()
+        latched = self.latched
+        with self._lock:  # the Report keeps the first run's record of the other images
+            self.recorder.begin_resample(idx)
+            self.latched = torch.ones(idx.numel(), dtype=torch.bool)
+            self.late, self._first_sigma = None, None
+        try:
+            again = sample_images(idx)
+        finally:
+            self.latched, self.late = latched, late
+        if not isinstance(again, Tensor) or again.shape[0] != idx.numel():
+            raise SafeDIGError(f"SafeDIG could not restart {idx.numel()} image(s) of this sampling run: the sampler "
+                               f"returned {getattr(again, 'shape', type(again).__name__)}",
+                               "report this sampler to SafeDIG; to sample without steering, set Steer's mode to Off")
+        out = first.clone()
+        out[idx.to(first.device)] = again.to(first.dtype)
+        return out  # type: ignore[return-value]
 
     def steer_call(self, dit: object, x: Tensor, sigma: float | Tensor, sample_sigmas: Sequence[float] | Tensor | None,
                    chunks: list[int] | None, run: Callable[[], T]) -> T:

@@ -121,13 +121,13 @@ def test_the_call_in_which_an_image_latches_is_run_again(tmp_path):
 SHIPPED_PACK = Path(__file__).resolve().parents[1] / "dictionaries" / "bundled_hazard_to_toxic.safetensors"
 
 
-def test_a_run_in_which_an_image_latched_late_is_sampled_again_with_it_latched_from_the_start():
+def test_the_images_that_latched_late_are_sampled_again_on_their_own_latched_from_the_start():
     """The shipped pack on the bundled model: single.0.out's gate opens on some held-out target prompts only
-    after the first step. `sample_run` samples the run again with those images latched from the start and
-    keeps every other image's first-run output bit for bit."""
+    after the first step. `sample_run` samples just those images again (a batch of their own prompts and
+    noise) latched from the start, and keeps every other image's first-run output bit for bit."""
     from safedig_core import ALL_DOMAINS
     from safedig_core.bundled import world
-    from safedig_core.bundled.generator import initial_noise, load_bundled, sample
+    from safedig_core.bundled.generator import initial_noise, load_bundled, sample, sample_steered
     from safedig_core.bundled.text_encoder import encode_prompts
 
     model = load_bundled()
@@ -137,28 +137,37 @@ def test_a_run_in_which_an_image_latched_late_is_sampled_again_with_it_latched_f
     noise, uncond, steps = initial_noise(range(len(prompts)), model.bundled_config), encode_prompts([""]), 10
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()
 
-    def sample_once(steering):
-        return sample(model, tokens, pooled, noise, steps, 3.0, uncond,
-                      wrap=lambda run, x, t, ts: steering.steer_call(model, x, t, ts, [0, 1], run))
+    def latched_from_start(rows):  # one run of the images `rows` alone, their latch open from the first step
+        reference = SamplingSteering(d, IMAGE, "from the start")
+        reference.begin_run(sigmas, n_images=int(rows.sum()), latched=torch.ones(int(rows.sum()), dtype=torch.bool))
+        return sample(model, tokens[rows], pooled[rows], noise[rows], steps, 3.0, uncond,
+                      wrap=lambda run, x, t, ts: reference.steer_call(model, x, t, ts, [0, 1], run))
 
     single = SamplingSteering(d, IMAGE, "once", restart_late_latches=False)
-    with torch.no_grad():
-        once = single.sample_run(lambda: sample_once(single), sigmas, n_images=len(prompts))
-    late = single.late
-    assert late is not None and late.any(), "no held-out target prompt latched after the first step"
-    assert (single.latched & ~late).any()  # some latched at the first step: those are not sampled again
     restarted = SamplingSteering(d, IMAGE, "restart")
-    reference = SamplingSteering(d, IMAGE, "from the start")
     with torch.no_grad():
-        out = restarted.sample_run(lambda: sample_once(restarted), sigmas, n_images=len(prompts))
-        reference.begin_run(sigmas, n_images=len(prompts), latched=late)
-        from_start = sample_once(reference)
-    assert torch.equal(out[late], from_start[late])
-    assert not torch.equal(out[late], once[late])  # the late images changed: steered from the first step
+        once = sample_steered(model, single, tokens, pooled, noise, steps, 3.0, uncond)
+        late = single.late
+        assert late is not None and late.any(), "no held-out target prompt latched after the first step"
+        assert (single.latched & ~late).any()  # some latched at the first step: those are not sampled again
+        out = sample_steered(model, restarted, tokens, pooled, noise, steps, 3.0, uncond)
+        from_start = latched_from_start(late)
+    assert torch.equal(out[late], from_start)
+    assert not torch.allclose(out[late], once[late], atol=1e-2)  # the late images changed: steered from step 1
     assert torch.equal(out[~late], once[~late])  # the others: the first run's output, bit for bit
     assert restarted.latched.tolist() == single.latched.tolist() and torch.equal(restarted.restarted, late)
-    assert single.restarted is None
-    assert restarted.recorder.generation == single.recorder.generation + 1  # the Report shows the kept run
+    assert torch.equal(restarted.late, late) and single.restarted is None
+    # the Report: one generation, the first run's record of the others and the second run's of the late ones
+    rec = restarted.recorder
+    assert rec.generation == single.recorder.generation and rec.n_images == len(prompts)
+    def first_step_gate(recorder, image):  # the highest gate weight recorded for `image` at the first step
+        return max(float(e.gate[e.images == image].max()) for e in recorder.entries
+                   if e.step == 0 and (e.images == image).any())
+
+    for i in late.nonzero().flatten().tolist():  # steered from the first step in the record the Report shows
+        assert first_step_gate(single.recorder, i) == 0 and first_step_gate(rec, i) > 0
+    for i in (~late).nonzero().flatten().tolist():
+        assert first_step_gate(rec, i) == first_step_gate(single.recorder, i)
 
 
 def test_a_pack_that_detects_and_steers_at_one_position_runs_each_call_once(tmp_path):

@@ -547,3 +547,64 @@ def test_a_late_latch_restarts_the_run_inside_comfyuis_sampler(nodes):
     nodes.steer.steer_patches(single)[0].restart_late_latches = False
     assert not torch.equal(out, run(single, pos, i))  # without the restart the image differs
     assert safedig_hooks(patcher.model) == []
+
+
+@pytest.mark.skipif(not _shipped_weights().exists(), reason="the shipped bundled model is not built yet")
+def test_only_the_images_that_latched_late_are_sampled_again_inside_comfyuis_sampler(nodes):
+    """A batch of four images of one prompt in ComfyUI's sampler: the images whose gate latched after the first
+    step are sampled again as a batch of their own (their rows of the noise), latched from the start; the
+    others keep the first run's output bit for bit. Conditioning with one entry per image cannot be cut: then
+    the whole batch is sampled again."""
+    import comfy.sample
+    import comfy.samplers
+
+    from safedig_core import ALL_DOMAINS, load_pack
+    from safedig_core.bundled import world
+
+    patcher = bundled_patcher(nodes)
+    dictionary = SteeringDictionary(load_pack(ROOT / "dictionaries" / "bundled_hazard_to_toxic.safetensors"),
+                                    ALL_DOMAINS)
+    neg = nodes.bundled_io.BundledTextEncode.execute(text="").result[0]
+    latent = torch.zeros(4, 12, 16, 16)
+
+    def run(model, pos, seed, rows=slice(None)):
+        noise = comfy.sample.prepare_noise(latent, seed)[rows]
+        return comfy.sample.sample(model, noise, 10, 3.0, "euler", "simple", pos, neg, latent[rows], seed=seed)
+
+    for i, prompt in enumerate(world.eval_prompts(6, "heldout", seed=1, concepts=["venom", "blight", "ember"])):
+        pos = nodes.bundled_io.BundledTextEncode.execute(text=prompt.text).result[0]
+        restarting = steer(nodes, patcher, dictionary, gate_scope="image")
+        out = run(restarting, pos, i)
+        late = nodes.steer.steer_patches(restarting)[0].restarted
+        if late is not None and not late.all():
+            break
+    else:
+        pytest.fail("no held-out prompt had some, not all, of four images latch after the first step")
+    once = steer(nodes, patcher, dictionary, gate_scope="image")
+    nodes.steer.steer_patches(once)[0].restart_late_latches = False
+    assert torch.equal(out[~late], run(once, pos, i)[~late])
+    from_start = steer(nodes, patcher, dictionary, gate_scope="image")
+    ref = nodes.steer.steer_patches(from_start)[0]
+    ref.restart_late_latches = False
+    begin = ref.begin_run
+    ref.begin_run = lambda sigmas, n_images, latched=None: begin(sigmas, n_images, torch.ones(n_images, dtype=bool))
+    assert torch.equal(out[late], run(from_start, pos, i, late))
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(pos, neg)
+    assert nodes.steer.batch_cuttable(guider, 4, None, [latent.shape])
+    per_image = [[c.repeat(4, 1, 1), {k: v.repeat(4, 1) if isinstance(v, torch.Tensor) else v for k, v in d.items()}]
+                 for c, d in pos]
+    guider.set_conds(per_image, neg)
+    assert not nodes.steer.batch_cuttable(guider, 4, None, [latent.shape])  # one prompt per image
+    whole = steer(nodes, patcher, dictionary, gate_scope="image")
+    out_whole = run(whole, per_image, i)  # the whole batch sampled again; the late images' rows taken from it
+    assert torch.equal(nodes.steer.steer_patches(whole)[0].restarted, late)
+    from_start_whole = steer(nodes, patcher, dictionary, gate_scope="image")
+    ref = nodes.steer.steer_patches(from_start_whole)[0]
+    ref.restart_late_latches = False
+    begin_whole = ref.begin_run
+    ref.begin_run = lambda sigmas, n_images, latched=None: begin_whole(sigmas, n_images, late)
+    assert torch.equal(out_whole[late], run(from_start_whole, per_image, i)[late])
+    assert torch.equal(out_whole[~late], out[~late])
+    assert not nodes.steer.batch_cuttable(guider, 4, None, [latent.shape, latent.shape])  # a nested latent pack
+    assert safedig_hooks(patcher.model) == []

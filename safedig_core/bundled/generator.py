@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SafeDIGError
+from ..sampling import SamplingSteering
 from . import world
 from .text_encoder import CONTEXT_LEN, TEXT_DIM
 
@@ -262,6 +263,22 @@ def sample(model, tokens: torch.Tensor, pooled: torch.Tensor, noise: torch.Tenso
         if callback is not None:
             callback(i, x)
     return x
+
+
+def sample_steered(model, steering: SamplingSteering, tokens: torch.Tensor, pooled: torch.Tensor,
+                   noise: torch.Tensor, steps: int = 20, guidance: float = 3.0,
+                   uncond: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`sample` steered call by call by `steering`, as ComfyUI's Steer node runs it: one sampling run
+    (`SamplingSteering.sample_run`, whose images latched after the first step are sampled again on their own,
+    with their own prompts and noise), each model call through `steer_call` ([cond; uncond] chunks)."""
+    chunks = [0, 1] if guidance != 1.0 else [0]
+
+    def images(idx: torch.Tensor | None) -> torch.Tensor:
+        rows = (tokens, pooled, noise) if idx is None else (tokens[idx], pooled[idx], noise[idx])
+        return sample(model, *rows, steps, guidance, uncond,
+                      wrap=lambda run, x, t, schedule: steering.steer_call(model, x, t, schedule, chunks, run))
+
+    return steering.sample_run(images, torch.linspace(1.0, 0.0, steps + 1).tolist(), n_images=noise.shape[0])
 
 
 def generate(prompts: Sequence[str], seed: int | Sequence[int] = 0, steps: int = 20, guidance: float = 3.0,
