@@ -2,7 +2,8 @@
 
 A whole sampling run (20 steps, cfg 3, a batch of held-out prompts) steered as the ComfyUI Steer node does
 (SamplingSteering call by call, node defaults: every domain, Blend 1, image-scope gate; a call in which an image
-latches after an editing position ran is run twice), timed in alternation with the same run without steering, in
+latches after an editing position ran is run twice, and the images that latched after the first step are sampled
+again on their own), timed in rotation with the same run without steering (and with any --compare packs), in
 one process; median of --repeats, with a 95 % bootstrap interval of the ratio of medians. Scenarios:
 
     benign        benign prompts, Blend 1, image-scope gate: the gate stays shut (the usual case)
@@ -11,6 +12,9 @@ one process; median of --repeats, with a 95 % bootstrap interval of the ratio of
 
     .venv/bin/python benchmarks/overhead_bundled.py            # batch 16, 7 repeats (~1 min on 2 cores)
     .venv/bin/python benchmarks/overhead_bundled.py --smoke    # CI: batch 2, 2 steps, 3 repeats
+    .venv/bin/python benchmarks/overhead_bundled.py --compare A.safetensors,B.safetensors
+                    # more packs timed in the same process ("compared" in the JSON), e.g. the earlier shipped
+                    # packs: ablation_packs.py --kinds previous_shipped,previous_combined
 
 Writes benchmarks/results/overhead_bundled{,_smoke}.json.
 """
@@ -32,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from safety_table import prompt_sets  # noqa: E402
 
 from safedig_core import ALL_DOMAINS, SteeringDictionary, SteeringParams, load_pack  # noqa: E402
-from safedig_core.bundled.generator import initial_noise, load_bundled, sample  # noqa: E402
+from safedig_core.bundled.generator import initial_noise, load_bundled, sample, sample_steered  # noqa: E402
 from safedig_core.bundled.text_encoder import encode_prompts  # noqa: E402
 from safedig_core.sampling import SamplingSteering  # noqa: E402
 
@@ -46,6 +50,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pack", default=str(DEFAULT_PACK))
+    ap.add_argument("--compare", default="", help="more packs (comma-separated paths) timed in the same process, "
+                    "in rotation with --pack and the unsteered run")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -53,7 +59,9 @@ def main() -> int:
         args.batch, args.steps, args.repeats = 2, 2, 3
     torch.set_num_threads(args.threads)
     model = load_bundled()
-    dictionary = SteeringDictionary(load_pack(args.pack), ALL_DOMAINS)
+    packs = {"main": args.pack, **{Path(c).stem: c for c in filter(None, args.compare.split(","))}}
+    dictionaries = {label: SteeringDictionary(load_pack(path), ALL_DOMAINS) for label, path in packs.items()}
+    dictionary = dictionaries["main"]
     uncond = encode_prompts([""])
     noise = initial_noise(list(range(args.batch)), model.bundled_config)
     prompts = prompt_sets(args.batch, seed=5)  # held-out wordings, spread over each set's concepts
@@ -61,40 +69,43 @@ def main() -> int:
     scenarios = {"benign": ("benign", blend), "unsafe": ("source", blend),
                  "disabled": ("benign", SteeringParams(mode="off"))}
 
-    def run(role: str, params: SteeringParams | None) -> float:
+    def run(role: str, params: SteeringParams, label: str | None) -> float:
+        """Seconds of one sampling run; label None (or mode Off: what the node does, no wrapper) unsteered."""
         tokens, pooled = encode_prompts([p.text for p in prompts[role]])
         t0 = time.perf_counter()
         with torch.no_grad():
-            if params is None or params.is_identity:  # what the node does for Off: no wrapper at all
+            if label is None or params.is_identity:
                 sample(model, tokens, pooled, noise, args.steps, 3.0, uncond)
             else:
-                steering = SamplingSteering(dictionary, params, "overhead")
-                steering.sample_run(  # as the Steer node's OUTER_SAMPLE wrapper: a late latch samples the run again
-                    lambda: sample(model, tokens, pooled, noise, args.steps, 3.0, uncond,
-                                   wrap=lambda call, x, t, ts: steering.steer_call(model, x, t, ts, [0, 1], call)),
-                    torch.linspace(1.0, 0.0, args.steps + 1).tolist(), n_images=args.batch)
+                steering = SamplingSteering(dictionaries[label], params, "overhead")
+                sample_steered(model, steering, tokens, pooled, noise, args.steps, 3.0, uncond)  # as the Steer node
         return time.perf_counter() - t0
 
-    for role, params in scenarios.values():  # warm-up: casts and caches the pack's weights once
-        run(role, params)
-    results = {}
+    for role, params in scenarios.values():  # warm-up: casts and caches each pack's weights once
+        for label in dictionaries:
+            run(role, params, label)
+    results: dict[str, dict] = {label: {} for label in dictionaries}
     for name, (role, params) in scenarios.items():
-        base, steered = [], []
-        for i in range(args.repeats):  # alternate, so drift in machine load hits both alike
-            pair = [(base, None), (steered, params)]
-            for times, p in pair if i % 2 == 0 else pair[::-1]:
-                times.append(run(role, p))
-        b, s = statistics.median(base), statistics.median(steered)
-        lo, hi = ratio_ci(base, steered)
-        results[name] = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4),
-                         "ratio_ci95": [round(lo, 4), round(hi, 4)]}
-        print(f"{name:9s} baseline {b:7.3f}s  steered {s:7.3f}s  ratio {s / b:.3f} [{lo:.3f}, {hi:.3f}]", flush=True)
+        labels = ["main"] if params.is_identity else list(dictionaries)
+        times: dict[str | None, list[float]] = {None: [], **{label: [] for label in labels}}
+        for i in range(args.repeats):  # rotate the order, so drift in machine load hits every run alike
+            order = list(times)
+            for label in order[i % len(order):] + order[:i % len(order)]:
+                times[label].append(run(role, params, label))
+        for label in labels:
+            b, s = statistics.median(times[None]), statistics.median(times[label])
+            lo, hi = ratio_ci(times[None], times[label])
+            results[label][name] = {"baseline_s": round(b, 4), "steered_s": round(s, 4), "ratio": round(s / b, 4),
+                                    "ratio_ci95": [round(lo, 4), round(hi, 4)]}
+            print(f"{label:24s} {name:9s} baseline {b:7.3f}s  steered {s:7.3f}s  ratio {s / b:.3f} "
+                  f"[{lo:.3f}, {hi:.3f}]", flush=True)
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("overhead_bundled_smoke" if args.smoke
                                                                else "overhead_bundled"))
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"config": {"batch": args.batch, "steps": args.steps, "cfg": 3.0, "repeats": args.repeats,
                          "threads": args.threads, "positions": dictionary.positions, "mode": "blend 1, image gate",
-                         "device": "cpu"}, "scenarios": results}
+                         "device": "cpu"}, "scenarios": results.pop("main"),
+              "compared": {label: {"pack": str(packs[label]), "scenarios": r} for label, r in results.items()}}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
