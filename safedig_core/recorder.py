@@ -62,6 +62,7 @@ class ScoreRecorder:
         self.grid: tuple[int, int] | None = None  # image tokens (rows, cols)
         self.steps_seen: set[int] = set()
         self._resampled: Tensor | None = None  # [k] long: image j of a resampled batch is image _resampled[j]
+        self.sampled_again: list[int] = []  # images whose gate opened late, sampled again steered from step 1
 
     # ------------------------------------------------------------------ recording
 
@@ -82,6 +83,7 @@ class ScoreRecorder:
                 kept.append(_Entry(e.step, e.position, e.images[keep], e.gate[keep], e.row_max[keep]))
         self.entries = kept
         self._resampled = images
+        self.sampled_again = images.tolist()
 
     @property
     def started(self) -> bool:
@@ -204,6 +206,9 @@ class ScoreRecorder:
             peak = f"{smax[pos]:.3g}" if pos in smax else "-"
             rows.append([pos, f"{self.taus[pos]:.3g}", share, peak, _ranges([s + 1 for s in fired[pos]]) or "never"])
         lines.append(_table(rows, ["position", "tau", "gate open (mean)", "max score", "steps where it fired"]))
+        if self.sampled_again:
+            lines.append(f"  sampled again: image(s) {_ranges([i + 1 for i in self.sampled_again])} latched after the "
+                         "first step and were sampled once more, steered from the first step (what you see)")
         any_fired = any(fired.values())
         lines.append("  verdict: the gate fired; steering changed activations at the steps listed" if any_fired
                      else "  verdict: the gate never fired; this generation was not changed by steering")

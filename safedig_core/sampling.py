@@ -102,6 +102,7 @@ class SamplingSteering:
         self.restarted = late
         if not subsets:
             self.begin_run(sigmas, n_images, latched=late)
+            self.recorder.sampled_again = late.nonzero().flatten().tolist()
             again = sample_images(None)
             assert isinstance(again, Tensor)
             return torch.where(late.to(first.device).view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]

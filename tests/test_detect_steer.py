@@ -168,6 +168,8 @@ def test_the_images_that_latched_late_are_sampled_again_on_their_own_latched_fro
         assert first_step_gate(single.recorder, i) == 0 and first_step_gate(rec, i) > 0
     for i in (~late).nonzero().flatten().tolist():
         assert first_step_gate(rec, i) == first_step_gate(single.recorder, i)
+    assert rec.sampled_again == late.nonzero().flatten().tolist() and "sampled again: image(s)" in rec.summary()
+    assert single.recorder.sampled_again == [] and "sampled again" not in single.recorder.summary()
 
 
 def test_a_pack_that_detects_and_steers_at_one_position_runs_each_call_once(tmp_path):
