@@ -21,6 +21,7 @@ from safedig_core.training.build import (
     build_pack,
     check_benign,
     check_pairs,
+    choice_generations,
     plan_costs,
 )
 from safedig_core.training.collect import PromptRecord, parse_prompt_lines, read_prompt_file
@@ -117,7 +118,7 @@ def test_a_stopped_build_leaves_no_pack_and_resumes(tmp_path):
     pairs = parse_prompt_lines("".join(json.dumps(r) + "\n" for r in rows if r["pair"] % 8 == 0))
     benign = read_prompt_file(PROMPTS / "bundled_benign.jsonl")[::4]
     settings = BuildSettings(capture_steps=2, positions=("single.0.out", "input.txt"), routed=1, expansion=2,
-                             k=8, epochs=1.0, shard_size=8)
+                             k=8, epochs=1.0, shard_size=8, choice_pairs=2)
 
     def run(reporter):
         generator = BundledGenerator(steps=4)
@@ -133,13 +134,19 @@ def test_a_stopped_build_leaves_no_pack_and_resumes(tmp_path):
         generator.max_batch = 1
         build_pack(generator, pairs, benign, tmp_path / "pack.safetensors", tmp_path / "work", settings,
                    domain="hazard", reporter=reporter, plan_seconds=0.1)
-        return len(runs)
+        return sum(runs)
 
     with pytest.raises(KeyboardInterrupt):
         run(StopAfter(20))
     assert not (tmp_path / "pack.safetensors").exists() and not list(tmp_path.rglob("*.tmp"))
     assert len(list((tmp_path / "work" / "collect" / "source").glob("shard-*.safetensors"))) == 2
     resumed = run(StopAfter(None))
-    every_generation = len(pairs) + 2 * len(benign) + len(_unsafe_checks(pairs))  # collect + calibration
+    # collect, calibration, and the Blend target's choice on 2 pairs
+    every_generation = len(pairs) + 2 * len(benign) + len(_unsafe_checks(pairs)) + choice_generations(settings)
     assert resumed == every_generation - 16  # the two finished shards (16 prompts) were not sampled again
-    assert load_pack(tmp_path / "pack.safetensors").domains == ["hazard"]
+    pack = load_pack(tmp_path / "pack.safetensors")
+    assert pack.domains == ["hazard"]
+    chosen = {pack.domain_features("hazard", p).blend_target for p in pack.positions}
+    assert len(chosen) == 1 and chosen <= {"map", "affine"}  # one learned target for the pack, as build-pack picks
+    fit = pack.domain_features("hazard", pack.positions[0]).extra["blend_fit"]
+    assert set(fit["choice_distances"]) == {"map x1", "map x1.5", "map x2", "map x3", "affine x1", "affine x1.5"}

@@ -30,11 +30,20 @@ from ..errors import SafeDIGError
 from ..pack import BLEND_ANCHOR, BLEND_MAP, DictionaryPack, DomainEntry, DomainFeatures, load_pack, with_domain
 from ..positions import ModelPositions, resolve
 from ..sae import SAEDecoder, TopKSAE
-from .blend_map import fit_blend_map
+from .blend_map import GAINS, fit_blend_map
 from .collect import ActivationSet, PromptRecord, collect, evenly_spaced_steps, is_heldout
 from .features import FeatureConfig, domain_features
 from .generators import Generator
-from .pipeline import _calibration_cache, _domain_entry, run_adapt, run_export, run_features, run_route, run_train
+from .pipeline import (
+    _calibration_cache,
+    _domain_entry,
+    choose_blend_target,
+    run_adapt,
+    run_export,
+    run_features,
+    run_route,
+    run_train,
+)
 from .sae_training import AdaptConfig, SAEConfig, adapt_decoder
 
 PAIRS_SET, TARGET_SET, BENIGN_SET = "source", "target", "benign"
@@ -55,17 +64,18 @@ class BuildSettings:
     seed: int = 0
     fire_rate: float = 0.01
     shard_size: int = 16
+    choice_pairs: int = 16  # matched pairs the learned Blend target is chosen on (0: keep the maps, no choice)
 
     def __post_init__(self) -> None:
         checks = [("capture_steps", self.capture_steps >= 1), ("routed", self.routed >= 1),
                   ("expansion", self.expansion >= 1), ("k", self.k >= 1), ("epochs", self.epochs > 0),
                   ("max_tokens", self.max_tokens >= 0), ("shard_size", self.shard_size >= 1),
-                  ("fire_rate", 0 < self.fire_rate < 1)]
+                  ("fire_rate", 0 < self.fire_rate < 1), ("choice_pairs", self.choice_pairs >= 0)]
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise SafeDIGError(f"build settings out of range: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}",
                                "use capture_steps, routed, expansion, k, shard_size >= 1, epochs > 0, "
-                               "max_tokens >= 0 (0 = all), 0 < fire_rate < 1")
+                               "max_tokens >= 0 (0 = all), 0 < fire_rate < 1, choice_pairs >= 0")
 
 
 class Reporter:
@@ -290,7 +300,8 @@ def build_pack(generator: Generator, pairs: Sequence[PromptRecord], benign: Sequ
     checks = {"unsafe_heldout": _unsafe_checks(pairs),
               **({"unsafe_target_heldout": _unsafe_checks(target.pairs)} if target else {})}
     plan = estimate(generator, settings, sum(len(v) for v in sets.values()),
-                    len(calibration) + sum(len(v) for v in checks.values()), plan_seconds)
+                    len(calibration) + sum(len(v) for v in checks.values()) + choice_generations(settings),
+                    plan_seconds)
     for line in plan.lines():
         print(line, flush=True)
     plan.check(work)
@@ -316,10 +327,20 @@ def build_pack(generator: Generator, pairs: Sequence[PromptRecord], benign: Sequ
         run_adapt(work, target.domain, TARGET_SET, AdaptConfig(epochs=target.epochs, pull=target.pull,
                                                                seed=settings.seed), progress=False)
         reporter.advance()
+    if settings.choice_pairs:  # fit the affine target, then keep the map or the affine, as build-pack does
+        reporter.stage("choose the Blend target", 1)
+        choose_blend_target(work, generator, [PAIRS_SET, *([TARGET_SET] if target else [])], settings.choice_pairs)
+        reporter.advance()
     refuse_overwrite(out, overwrite)  # a pack may have appeared under this name while the build ran
     return run_export(work, out, {"build": "SafeDIGBuildDictionary", "settings": asdict(settings),
                                   "wall_seconds": round(time.time() - t0, 1), "plan": plan.detail,
                                   **(provenance or {})})
+
+
+def choice_generations(settings: BuildSettings) -> int:
+    """Generations of the Blend target's choice (pipeline.choose_blend_target): the unsafe and the safe prompt
+    of each pair once, and the unsafe one under each candidate target and gain."""
+    return settings.choice_pairs * (2 + sum(len(gains) for gains in GAINS.values()))
 
 
 def _unsafe_checks(pairs: Sequence[PromptRecord]) -> list[PromptRecord]:
