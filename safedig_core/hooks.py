@@ -165,8 +165,8 @@ class _SteeringHook:
             s.latch = torch.zeros(output.shape[0], dtype=torch.bool, device=output.device)
         # only a latch opening after an editing position ran in this call needs a second pass
         before = s.latch.clone() if s.latch is not None and s.edited_before else None
-        steered = steer_domains(output, weights, s.params, s.row_mask, scores_out=scores, latch=s.latch,
-                                gates_out=gates)
+        rows = s.row_mask(output.shape[0]) if callable(s.row_mask) else s.row_mask
+        steered = steer_domains(output, weights, s.params, rows, scores_out=scores, latch=s.latch, gates_out=gates)
         if before is not None and s.latch is not None:
             # rows latched here that a position earlier in this call could have edited: see late_latched
             s.late_latched = (s.late_latched | (s.latch & ~before)) if s.late_latched is not None \
@@ -191,9 +191,11 @@ def safedig_hooks(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
 class SteeringHooks:
     """Context manager: steer `model` at the dictionary's positions while inside the `with` block.
 
-    row_mask: [batch] bool, rows to steer (None: all). active=False installs nothing (e.g. outside the
-    step range). on_scores(position, scores[batch, tokens], gate[batch, tokens]) receives the harmful scores
-    (exact where the gate may open) and the gate weight each token was steered with, for reports.
+    row_mask: [batch] bool, rows to steer (None: all), or a function of a call's batch size giving them (a
+    sampler whose calls batch their rows differently, e.g. ComfyUI's cond / uncond chunks). active=False
+    installs nothing (e.g. outside the step range). on_scores(position, scores[batch, tokens], gate[batch,
+    tokens]) receives the harmful scores (exact where the gate may open) and the gate weight each token was
+    steered with, for reports.
     owner identifies the installer (e.g. one Steer node); installing the same owner twice on a module is
     refused, so an exception that skipped cleanup somewhere else can never double-steer.
     latch: [batch] bool, the rows already latched by an image-scope gate (updated in place); pass the same
@@ -201,7 +203,7 @@ class SteeringHooks:
     """
 
     def __init__(self, model: object, dictionary: SteeringDictionary, params: SteeringParams, *,
-                 row_mask: Tensor | None = None, active: bool = True, owner: object = None,
+                 row_mask: Tensor | Callable[[int], Tensor] | None = None, active: bool = True, owner: object = None,
                  on_scores: Callable[[str, Tensor, Tensor], None] | None = None,
                  model_positions: ModelPositions | None = None, latch: Tensor | None = None):
         self.model = model

@@ -272,14 +272,15 @@ def choose_blend(pack: DictionaryPack, affines: Mapping[tuple[str, str], Tensor]
     unsafe = [u for u, _ in pairs]
     target = final_latents(generator, [s for _, s in pairs])
     base = distance(final_latents(generator, unsafe), target).clamp_min(1e-8)
-    rows = torch.zeros(2 * len(unsafe) if generator.cond_rows(2) != slice(None) else len(unsafe), dtype=torch.bool)
-    rows[generator.cond_rows(len(rows))] = True
+    step = generator.max_batch or len(unsafe)
     candidates = [(t, g) for t, gs in gains.items() if t == BLEND_MAP or affines for g in gs]
     scores: dict[tuple[str, float], float] = {}
     for t, g in candidates:
         variant = SteeringDictionary(blend_variant(pack, t, g, affines), ALL_DOMAINS)
-        with SteeringHooks(generator.model, variant, params, row_mask=rows):
-            latent = final_latents(generator, unsafe)
-        scores[(t, g)] = round(float((distance(latent, target) / base).mean()), 4)
+        latents = []
+        for i in range(0, len(unsafe), step):  # one hook context, so one image latch, per sampling run
+            with SteeringHooks(generator.model, variant, params, row_mask=generator.cond_mask):
+                latents.append(final_latents(generator, unsafe[i:i + step]))
+        scores[(t, g)] = round(float((distance(torch.cat(latents), target) / base).mean()), 4)
     best = min(scores, key=lambda c: (scores[c], c[0] != BLEND_MAP, c[1]))
     return best, {candidate_label(*c): v for c, v in scores.items()}

@@ -38,6 +38,12 @@ class Generator:
     def cond_rows(self, batch: int) -> slice:
         return slice(None)
 
+    def cond_mask(self, batch: int) -> torch.Tensor:
+        """[batch] bool: `cond_rows` of a DiT call of `batch` rows (SteeringHooks' row_mask)."""
+        mask = torch.zeros(batch, dtype=torch.bool)
+        mask[self.cond_rows(batch)] = True
+        return mask
+
     def token_counts(self) -> tuple[int, int]:
         """(image tokens, text tokens) of one generation: what the build plan sizes storage by."""
         raise NotImplementedError(f"{type(self).__name__} does not report its token counts")

@@ -64,8 +64,11 @@ def forward_hooks(modules: dict[str, torch.nn.Module], make_hook: Callable[[str]
 
 @torch.no_grad()
 def final_latents(generator: Generator, prompts: Sequence[PromptRecord]) -> torch.Tensor:
-    """The final latents of `prompts` (each from its own seed), float32 on the CPU."""
-    return generator.run([p.text for p in prompts], [p.seed for p in prompts], lambda _i: None).float().cpu()
+    """The final latents of `prompts` (each from its own seed, at most `generator.max_batch` per run), float32
+    on the CPU."""
+    step = generator.max_batch or max(len(prompts), 1)
+    return torch.cat([generator.run([p.text for p in chunk], [p.seed for p in chunk], lambda _i: None).float().cpu()
+                      for chunk in (prompts[i:i + step] for i in range(0, len(prompts), step))])
 
 
 def distance(latent: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
