@@ -313,8 +313,9 @@ def build_pack_bundled() -> dict:
               "The whole pipeline of `python -m safedig_core build-pack` in one node, on CPU: *Build Dictionary* "
               "samples the shipped source pairs (hazard -> safe look-alikes), the target pairs (toxic) and the "
               "benign prompts with the bundled model, routes, trains the SAEs, finds the harmful features on "
-              "both domains' pairs, calibrates the gate and adapts the `toxic` decoders; the new pack steers the "
-              "prompt on the right at once. About five minutes on two CPU cores (docs/training.md). To add a "
+              "both domains' pairs, calibrates the gate, adapts the `toxic` decoders and chooses the learned Blend "
+              "target; the new pack steers the prompt on the right at once. About six minutes on two CPU cores "
+              "(docs/training.md). To add a "
               "risk later, to this or any pack: *SafeDIG Adapt Dictionary*.\n\n" + BUILD_NOTE, [20, 300], [340, 800]),
     ]
     links = [
