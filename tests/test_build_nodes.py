@@ -124,6 +124,10 @@ def test_build_with_target_pairs_makes_both_domains_in_one_run(comfyui: ComfySer
     assert pack.domains == ["hazard", "toxic"] and pack.metadata["domains"]["toxic"]["adapted_from"] == "hazard"
     # H was chosen on both domains' pairs.
     assert pack.metadata["provenance"]["harmful_from"] == ["source", "target"]
+    # The learned Blend target was chosen with ComfyUI's sampler, one target for both domains, as build-pack does.
+    chosen = [pack.domain_features(d, p) for d in pack.domains for p in pack.positions]
+    assert len({f.blend_target for f in chosen}) == 1 and chosen[0].blend_target in ("map", "affine")
+    assert all(len(f.extra["blend_fit"]["choice_distances"]) == 6 for f in chosen)
 
 
 def test_bad_prompt_sets_are_refused_before_sampling(comfyui: ComfyServer):
