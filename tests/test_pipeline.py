@@ -296,6 +296,12 @@ def test_build_pack_chooses_the_learned_target_nearest_the_safe_generations(buil
     assert all(d > 0 for d in distances.values())
     assert distances[candidate_label(target, gain)] == min(distances.values())
     assert pack.metadata["format_version"] == (4 if target == "affine" else 2)
+    from safedig_core.errors import SafeDIGError
+    from safedig_core.steering_math import SteeringParams
+    from safedig_core.training.blend_map import choose_blend
+
+    with pytest.raises(SafeDIGError, match="no matched"):  # prompt sets without a full pair: a clear refusal
+        choose_blend(pack, {}, generator, [], SteeringParams(mode="blend"))
 
 
 def test_the_affine_target_leaves_benign_tokens_nearly_where_they_are(built):

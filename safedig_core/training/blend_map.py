@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import SafeDIGError
 from ..pack import (
     BLEND_AFFINE,
     BLEND_MAP,
@@ -269,6 +270,9 @@ def choose_blend(pack: DictionaryPack, affines: Mapping[tuple[str, str], Tensor]
     from ..hooks import ALL_DOMAINS, SteeringDictionary, SteeringHooks
     from .steerability import distance, final_latents
 
+    if not pairs:
+        raise SafeDIGError("no matched (unsafe, safe) pair to choose the Blend target on",
+                           "give prompt pairs whose members share a `pair` number, one unsafe and one safe")
     unsafe = [u for u, _ in pairs]
     target = final_latents(generator, [s for _, s in pairs])
     base = distance(final_latents(generator, unsafe), target).clamp_min(1e-8)
