@@ -105,6 +105,7 @@ class SamplingSteering:
             self.recorder.sampled_again = late.nonzero().flatten().tolist()
             again = sample_images(None)
             assert isinstance(again, Tensor)
+            self.late = late  # as after a cut restart: the images of the first run that latched late
             return torch.where(late.to(first.device).view(-1, *([1] * (first.dim() - 1))), again, first)  # type: ignore[return-value]
         idx = late.nonzero().flatten()
         latched = self.latched

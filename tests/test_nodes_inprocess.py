@@ -599,6 +599,7 @@ def test_only_the_images_that_latched_late_are_sampled_again_inside_comfyuis_sam
     whole = steer(nodes, patcher, dictionary, gate_scope="image")
     out_whole = run(whole, per_image, i)  # the whole batch sampled again; the late images' rows taken from it
     assert torch.equal(nodes.steer.steer_patches(whole)[0].restarted, late)
+    assert torch.equal(nodes.steer.steer_patches(whole)[0].late, late)
     assert nodes.steer.steer_patches(whole)[0].recorder.sampled_again == late.nonzero().flatten().tolist()
     from_start_whole = steer(nodes, patcher, dictionary, gate_scope="image")
     ref = nodes.steer.steer_patches(from_start_whole)[0]
